@@ -1,0 +1,21 @@
+"""Exceptions a user can act on. Each message says what went wrong and what to do next."""
+
+
+class UmeEdgeError(Exception):
+    """Base class for every error ume-edge raises on purpose."""
+
+
+class InputError(UmeEdgeError, ValueError):
+    """An inference input is malformed: wrong name, shape, dtype, values, or presence."""
+
+
+class BackendUnavailable(UmeEdgeError):
+    """A runtime (TensorRT, a GPU, Triton) is not installed or not usable here."""
+
+
+class EngineMismatch(UmeEdgeError):
+    """An engine directory does not fit this machine, runtime or its own manifest."""
+
+
+class BuildError(UmeEdgeError):
+    """A build stage failed; the message names the modality and the cause."""
