@@ -196,7 +196,7 @@ def test_builder_settings_validates_the_config():
 
 
 def test_trtexec_tensorrt_10_strongly_typed():
-    command = trtexec_command("enc/audio.onnx", "enc/audio.plan", "audio", (1, 40, 48),
+    command = trtexec_command("enc/audio.onnx", "enc/audio.plan", {"audio": (1, 40, 48)},
                               BuildConfig(precision="int8", max_batch=64, timing_cache="cache/h100.cache"))
     assert command == ("trtexec --onnx=enc/audio.onnx --saveEngine=enc/audio.plan "
                        "--minShapes=audio:1x1x40x48 --optShapes=audio:32x1x40x48 --maxShapes=audio:64x1x40x48 "
@@ -204,7 +204,7 @@ def test_trtexec_tensorrt_10_strongly_typed():
 
 
 def test_trtexec_tensorrt_10_weak_fp16_on_dla():
-    command = trtexec_command("image.onnx", "image.plan", "image", (1, 28, 28),
+    command = trtexec_command("image.onnx", "image.plan", {"image": (1, 28, 28)},
                               BuildConfig(precision="fp16", max_batch=16, dla_core=0, strongly_typed=False))
     flags = command.split()
     assert flags[3:6] == ["--minShapes=image:16x1x28x28", "--optShapes=image:16x1x28x28",
@@ -216,14 +216,14 @@ def test_trtexec_tensorrt_10_weak_fp16_on_dla():
 def test_trtexec_tensorrt_11_has_no_precision_or_typing_flags():
     config = BuildConfig(precision="int8", max_batch=8, workspace_mb=512, hardware_compatible=True,
                          version_compatible=True)
-    flags = trtexec_command("a.onnx", "a.plan", "x", (3,), config, trt_major=11).split()
+    flags = trtexec_command("a.onnx", "a.plan", {"x": (3,)}, config, trt_major=11).split()
     assert flags[-3:] == ["--memPoolSize=workspace:512M", "--hardwareCompatibilityLevel=ampere+",
                           "--versionCompatible"]
     assert not {"--fp16", "--int8", "--stronglyTyped"} & set(flags)
 
 
 def test_trtexec_quotes_paths_for_the_shell():
-    command = trtexec_command("my models/a.onnx", "a.plan", "x", (3,), BuildConfig(max_batch=2))
+    command = trtexec_command("my models/a.onnx", "a.plan", {"x": (3,)}, BuildConfig(max_batch=2))
     assert command.startswith("trtexec '--onnx=my models/a.onnx' --saveEngine=a.plan ")
 
 
@@ -519,7 +519,7 @@ def test_build_engine_applies_exactly_the_builder_settings(fakes, tmp_path):
     cache = tmp_path / "caches" / "h100.cache"
     config = BuildConfig(precision="int8", max_batch=8, workspace_mb=64, timing_cache=cache,
                          version_compatible=True)
-    device = build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", "x", (3,), config)
+    device = build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", {"x": (3,)}, config)
 
     built = trt.built["config"]
     assert trt.built["network_flag_bits"] == 1 << 1
@@ -539,7 +539,7 @@ def test_build_engine_sets_dla_and_reuses_the_timing_cache(fakes, tmp_path):
     trt, _ = fakes
     cache = tmp_path / "orin.cache"
     cache.write_bytes(b"earlier timings")
-    build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", "x", (3,),
+    build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", {"x": (3,)},
                  BuildConfig(precision="fp16", max_batch=4, dla_core=1, timing_cache=cache))
     built = trt.built["config"]
     assert built.default_device_type.name == "DLA" and built.DLA_core == 1
@@ -553,7 +553,7 @@ def test_parse_errors_name_the_file_and_the_parser_messages(fakes, tmp_path, mon
     broken = FakeTensorRT(cuda, parse_errors=["In node 3 (importConv): UNSUPPORTED_NODE"])
     monkeypatch.setattr(tensorrt_backend, "_tensorrt", lambda: broken)
     with pytest.raises(BuildError) as raised:
-        build_engine(tmp_path / "audio.onnx", tmp_path / "audio.plan", "x", (3,), BuildConfig())
+        build_engine(tmp_path / "audio.onnx", tmp_path / "audio.plan", {"x": (3,)}, BuildConfig())
     assert str(raised.value) == (f"TensorRT could not parse {tmp_path / 'audio.onnx'}: "
                                  "In node 3 (importConv): UNSUPPORTED_NODE")
     assert not (tmp_path / "audio.plan").exists()
@@ -648,7 +648,7 @@ def onnxruntime_reference(onnx_path, x):
 @needs_tensorrt_and_gpu
 def test_real_fp32_plan_matches_onnxruntime(tiny_onnx, tmp_path):
     plan = tmp_path / "image.plan"
-    device = build_engine(tiny_onnx, plan, "image", (1, 8, 8), BuildConfig(max_batch=8,
+    device = build_engine(tiny_onnx, plan, {"image": (1, 8, 8)}, BuildConfig(max_batch=8,
                                                                           timing_cache=tmp_path / "t.cache"))
     check_plan_compatible(device, tensorrt_backend.device_info())
     x = np.random.default_rng(1).standard_normal((5, 1, 8, 8)).astype(np.float32)
@@ -660,7 +660,7 @@ def test_real_fp32_plan_matches_onnxruntime(tiny_onnx, tmp_path):
 @needs_tensorrt_and_gpu
 def test_real_cuda_graph_replay_equals_plain_execution(tiny_onnx, tmp_path):
     plan = tmp_path / "image.plan"
-    build_engine(tiny_onnx, plan, "image", (1, 8, 8), BuildConfig(max_batch=8))
+    build_engine(tiny_onnx, plan, {"image": (1, 8, 8)}, BuildConfig(max_batch=8))
     x = np.random.default_rng(2).standard_normal((4, 1, 8, 8)).astype(np.float32)
     with TensorRTEngine(plan) as plain, TensorRTEngine(plan, cuda_graph_batch_sizes=(4,)) as graphed:
         expected = plain.infer({"image": x})["partial_logits"]
@@ -671,7 +671,7 @@ def test_real_cuda_graph_replay_equals_plain_execution(tiny_onnx, tmp_path):
 @needs_tensorrt_and_gpu
 def test_real_infer_device_equals_infer(tiny_onnx, tmp_path):
     plan = tmp_path / "image.plan"
-    build_engine(tiny_onnx, plan, "image", (1, 8, 8), BuildConfig(max_batch=8))
+    build_engine(tiny_onnx, plan, {"image": (1, 8, 8)}, BuildConfig(max_batch=8))
     x = np.random.default_rng(3).standard_normal((3, 1, 8, 8)).astype(np.float32)
     cudart = tensorrt_backend._cudart()
     with TensorRTEngine(plan) as engine:

@@ -206,8 +206,9 @@ def _builder_flags(config: BuildConfig) -> list[str]:
     return flags
 
 
-def build_engine(onnx_path, plan_path, input_name: str, input_shape, config: BuildConfig) -> dict:
-    """Build and write a plan, save the timing cache, and return the device info a manifest records."""
+def build_engine(onnx_path, plan_path, inputs: dict[str, tuple[int, ...]], config: BuildConfig) -> dict:
+    """Build and write a plan, save the timing cache, and return the device info a manifest records.
+    ``inputs`` maps each input name to its per-sample shape (no batch axis)."""
     trt = _tensorrt()
     settings = builder_settings(config, int(trt.__version__.split(".")[0]))
     logger = trt.Logger(trt.Logger.WARNING)
@@ -215,7 +216,7 @@ def build_engine(onnx_path, plan_path, input_name: str, input_shape, config: Bui
     network = builder.create_network(_flag_bits(trt.NetworkDefinitionCreationFlag, settings["network_flags"]))
     parser = _parse_onnx(trt, network, logger, onnx_path)  # the parser owns the weights until the build ends
     builder_config = _builder_config(trt, builder, settings)
-    _add_profile(builder, builder_config, settings, input_name, input_shape)
+    _add_profile(builder, builder_config, settings, inputs)
     plan = builder.build_serialized_network(network, builder_config)
     del parser
     if plan is None:
@@ -256,9 +257,10 @@ def _builder_config(trt, builder, settings: dict):
     return builder_config
 
 
-def _add_profile(builder, builder_config, settings: dict, input_name: str, input_shape) -> None:
+def _add_profile(builder, builder_config, settings: dict, inputs: dict[str, tuple[int, ...]]) -> None:
     profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, *((batch, *input_shape) for batch in settings["profile_batch"].values()))
+    for name, shape in inputs.items():
+        profile.set_shape(name, *((batch, *shape) for batch in settings["profile_batch"].values()))
     builder_config.add_optimization_profile(profile)
 
 
@@ -277,13 +279,14 @@ def _save_timing_cache(builder_config, path: str | None) -> None:
         Path(path).write_bytes(builder_config.get_timing_cache().serialize())
 
 
-def trtexec_command(onnx_path, plan_path, input_name: str, input_shape, config: BuildConfig,
+def trtexec_command(onnx_path, plan_path, inputs: dict[str, tuple[int, ...]], config: BuildConfig,
                     trt_major: int = 10) -> str:
     """The trtexec command line that builds the same plan as ``build_engine`` on TensorRT ``trt_major``."""
     settings = builder_settings(config, trt_major)
     args = ["trtexec", f"--onnx={os.fspath(onnx_path)}", f"--saveEngine={os.fspath(plan_path)}"]
     for kind, batch in settings["profile_batch"].items():
-        args.append(f"--{kind}Shapes={input_name}:{'x'.join(str(d) for d in (batch, *input_shape))}")
+        shapes = ",".join(f"{name}:{'x'.join(str(d) for d in (batch, *shape))}" for name, shape in inputs.items())
+        args.append(f"--{kind}Shapes={shapes}")
     args.append(f"--memPoolSize=workspace:{config.workspace_mb}M")
     if settings["timing_cache"]:
         args.append(f"--timingCacheFile={settings['timing_cache']}")

@@ -1,0 +1,106 @@
+"""The fusion kernel: one masked, weighted sum over per-modality partial logits (METHOD.md, "fusion algebra").
+
+Inputs: ``partial_logits [B, M, C]`` (``z_m = W_m f_m + b_m``) and ``present [B, M]`` (1 = present).
+
+- UME: ``logits = sum_m p_m z_m / max(1, sum_m p_m)``
+- MMA: ``logits = sum_m p_m z_m + sum_m (1 - p_m) c_m`` with ``c_m = W_m a_m + b_m``
+
+METHOD.md writes the MMA bias as one ``b``; here ``b = sum_m b_m`` travels with the modalities, so every engine
+has the same output in both modes. ``fuse`` is the NumPy reference; ``fusion_graph`` is the same computation as a
+tiny ONNX graph, run by the backend that runs the encoders. Rows of an absent modality may hold anything: they
+are selected away, never multiplied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ume_edge.errors import InputError
+
+OPSET = 17
+
+
+@dataclass
+class FusionParams:
+    mode: str
+    modality_order: list[str]
+    num_classes: int
+    constants: np.ndarray | None = None  # [M, C], MMA only
+
+    @classmethod
+    def from_model(cls, model) -> "FusionParams":
+        import torch
+
+        constants = None
+        if model.fusion == "mma":
+            with torch.no_grad():
+                constants = np.stack([model.placeholder_logits(n).numpy() for n in model.modality_names])
+        return cls(model.fusion, model.modality_names, model.num_classes, constants)
+
+    @classmethod
+    def from_manifest(cls, fusion: dict, num_classes: int) -> "FusionParams":
+        constants = fusion.get("constants")
+        return cls(fusion["mode"], list(fusion["modality_order"]), num_classes,
+                   None if constants is None else np.asarray(constants, dtype=np.float32))
+
+    def to_manifest(self) -> dict:
+        return {"mode": self.mode, "modality_order": self.modality_order,
+                "constants": None if self.constants is None else self.constants.astype(float).tolist()}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def fuse(params: FusionParams, partial_logits: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The NumPy reference of the fusion kernel."""
+    present = np.asarray(present, dtype=bool)
+    if not present.any(axis=1).all():
+        raise InputError("a row has no modality present; the fusion kernel cannot predict from nothing")
+    absent_value = 0.0 if params.mode == "ume" else params.constants[None]
+    selected = np.where(present[:, :, None], partial_logits, absent_value)
+    total = selected.sum(axis=1)
+    if params.mode == "ume":
+        total = total / np.maximum(present.sum(axis=1, keepdims=True), 1)
+    return total.astype(np.float32)
+
+
+def fusion_graph(params: FusionParams) -> onnx.ModelProto:
+    """The fusion kernel as an ONNX graph: ``(partial_logits, present) -> (logits, probs)``."""
+    m, c = len(params.modality_order), params.num_classes
+    absent = np.zeros((1, 1, 1), np.float32) if params.mode == "ume" else params.constants.astype(np.float32)[None]
+    initializers = [numpy_helper.from_array(absent, "absent_value"),
+                    numpy_helper.from_array(np.array([2], np.int64), "class_axis"),
+                    numpy_helper.from_array(np.array([1], np.int64), "modality_axis"),
+                    numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+                    numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    nodes = [
+        helper.make_node("Unsqueeze", ["present", "class_axis"], ["present3"]),
+        helper.make_node("Greater", ["present3", "half"], ["is_present"]),
+        helper.make_node("Where", ["is_present", "partial_logits", "absent_value"], ["selected"]),
+        helper.make_node("ReduceSum", ["selected", "modality_axis"], ["total"], keepdims=0),
+    ]
+    if params.mode == "ume":
+        nodes += [
+            helper.make_node("ReduceSum", ["present", "modality_axis"], ["count"], keepdims=1),
+            helper.make_node("Max", ["count", "one"], ["divisor"]),
+            helper.make_node("Div", ["total", "divisor"], ["logits"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["total"], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+    graph = helper.make_graph(
+        nodes, f"ume_fusion_{params.mode}",
+        [helper.make_tensor_value_info("partial_logits", TensorProto.FLOAT, ["batch", m, c]),
+         helper.make_tensor_value_info("present", TensorProto.FLOAT, ["batch", m])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", c]),
+         helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", c])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ume-edge")
+    onnx.checker.check_model(model, full_check=True)
+    return model
