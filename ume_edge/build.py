@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ume_edge import __version__
-from ume_edge.backends import get_backend
+from ume_edge.backends import get_backend, open_engine
+from ume_edge.compile import compile_onnxruntime, compile_tensorrt, tensorrt_config
 from ume_edge.data import load, load_npz, pattern_key, presence_patterns
 from ume_edge.errors import BackendUnavailable, BuildError, UmeEdgeError
-from ume_edge.fusion import FusionParams, fuse, fusion_graph
+from ume_edge.fusion import FusionParams, fuse
 from ume_edge.metrics import percent_equal
 from ume_edge.quantize import CALIB_METHODS
 
@@ -47,7 +48,11 @@ class BuildOptions:
     out: Path | None = None
     export_only: bool = False
     threads: int | None = None
-    tensorrt: dict = field(default_factory=dict)  # workspace_mb, timing_cache, dla_core, *_compatible
+    workspace_mb: int = 1024
+    timing_cache: Path | None = None
+    dla_core: int | None = None
+    hardware_compatible: bool = False
+    version_compatible: bool = False
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Candidate:
     method: str | None = None
     quant_format: str | None = None
     tensorrt_file: Path | None = None
+    calibration_cache: Path | None = None
     max_drop: float | None = None
     drops: dict = field(default_factory=dict)
 
@@ -165,7 +171,7 @@ def _quantize(name: str, fp32: Path, samples: np.ndarray, method: str, work: Pat
     except Exception as error:
         raise BuildError(f"modality {name!r}: INT8 calibration ({method}) failed: {error}") from error
     assert_tensorrt_qdq(files.tensorrt_s8s8, f"modality {name!r}")
-    return Candidate("int8", files.cpu_u8s8, method, "U8S8", files.tensorrt_s8s8)
+    return Candidate("int8", files.cpu_u8s8, method, "U8S8", files.tensorrt_s8s8, files.calibration_cache)
 
 
 def _fallback(name: str, fp32: Path, backend: str, work: Path) -> Candidate:
@@ -202,10 +208,8 @@ class Evaluator:
         return percent_equal(predicted, truth)
 
     def partial(self, name: str, file: Path) -> np.ndarray:
-        from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
-
         if (name, file) not in self.partials:
-            engine = OnnxRuntimeEngine(file, self.threads)
+            engine = open_engine(file, self.threads)
             x = self.inputs[name]
             self.partials[name, file] = np.concatenate(
                 [engine.infer({name: x[i:i + 256]})["partial_logits"] for i in range(0, len(x), 256)])
@@ -230,9 +234,11 @@ class Evaluator:
         return rows
 
 
-def _gate(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator: Evaluator) -> Candidate:
-    """Score one modality's candidate with every other modality at fp32, on the patterns that hold it."""
-    files = {**baseline, name: candidate.file}
+def _gate(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator: Evaluator, backend: str) -> Candidate:
+    """Score one modality's candidate with every other modality at fp32, on the patterns that hold it. For TensorRT
+    the candidate is its TensorRT-target ONNX (S8S8 Q/DQ) run by ONNX Runtime: the same quantisation, before any
+    plan exists; stage 5 scores the built plans themselves."""
+    files = {**baseline, name: candidate.tensorrt_file if backend == "tensorrt" else candidate.file}
     patterns = [p for p in presence_patterns(evaluator.names) if name in p]
     rows = evaluator.table(files, patterns)
     candidate.drops = {key: row["drop"] for key, row in rows.items()}
@@ -250,7 +256,7 @@ def _choose(name: str, fp32: Path, calib: np.ndarray, options: BuildOptions, bac
     methods = [options.calib_method] + [m for m in CALIB_METHODS if m != options.calib_method]
     tried = []
     for method in methods:
-        candidate = _gate(name, _quantize(name, fp32, calib, method, work), baseline, evaluator)
+        candidate = _gate(name, _quantize(name, fp32, calib, method, work), baseline, evaluator, backend)
         passed = candidate.max_drop <= options.max_drop
         tried.append({"method": method, "max_drop": candidate.max_drop, "drops": candidate.drops, "passed": passed})
         _note(f"{name}: int8 {method:<10} worst drop {candidate.max_drop:+.2f} points -> "
@@ -285,29 +291,17 @@ def _versions(backend: str) -> dict:
     return versions
 
 
-def _write_engines(staging: Path, chosen: dict[str, Candidate], params: FusionParams, backend: str) -> dict:
-    from ume_edge.model import file_sha256
-    import onnx
-
-    entries = {}
-    fusion_path = staging / "fusion.onnx"
-    onnx.save(fusion_graph(params), str(fusion_path))
-    entries["fusion"] = {"file": fusion_path.name, "sha256": file_sha256(fusion_path)}
-    for name, candidate in chosen.items():
-        target = staging / f"{name}.onnx"
-        shutil.copyfile(candidate.file, target)
-        entry = {"file": target.name, "sha256": file_sha256(target)}
-        if backend == "tensorrt":
-            (staging / "tensorrt").mkdir(exist_ok=True)
-            trt_onnx = staging / "tensorrt" / f"{name}.onnx"
-            shutil.copyfile(candidate.tensorrt_file, trt_onnx)
-            entry["tensorrt_onnx"] = f"tensorrt/{name}.onnx"
-        entries[name] = entry
-    return entries
+def _device(backend: str, built_device: dict | None, export_only: bool) -> dict:
+    here = get_backend("onnxruntime").device_info()
+    if backend == "onnxruntime":
+        return here
+    if export_only:
+        return {"kind": "gpu", "built": False, "exported_on": here}
+    return built_device
 
 
-def _manifest(model, options, backend, chosen, tried, exported, files, accuracy, calib_info, eval_info) -> dict:
-    device = get_backend("onnxruntime").device_info()
+def _manifest(model, options, backend, chosen, tried, exported, files, device, accuracy, calib_info,
+              eval_info) -> dict:
     modalities = []
     for m in model.modalities:
         c = chosen[m.name]
@@ -316,7 +310,7 @@ def _manifest(model, options, backend, chosen, tried, exported, files, accuracy,
             "output_name": "partial_logits", "file": files[m.name]["file"], "sha256": files[m.name]["sha256"],
             "precision": c.precision, "calibration_method": c.method, "quant_format": c.quant_format,
             "export_max_abs_diff": exported[m.name]["max_abs_diff"], "gate": tried[m.name],
-            **({"tensorrt_onnx": files[m.name]["tensorrt_onnx"]} if "tensorrt_onnx" in files[m.name] else {}),
+            **{k: v for k, v in files[m.name].items() if k in ("tensorrt_onnx", "trtexec")},
         })
     params = FusionParams.from_model(model)
     return {
@@ -328,10 +322,17 @@ def _manifest(model, options, backend, chosen, tried, exported, files, accuracy,
         "modalities": modalities,
         "fusion": {**params.to_manifest(), **files["fusion"]},
         "versions": _versions(backend), "device": device,
+        **({"tensorrt": _tensorrt_settings(options)} if backend == "tensorrt" else {}),
         "calibration": calib_info,
         "accuracy": {"data": eval_info, "max_drop_allowed": options.max_drop, "patterns": accuracy},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _tensorrt_settings(options: BuildOptions) -> dict:
+    return {"workspace_mb": options.workspace_mb, "dla_core": options.dla_core,
+            "timing_cache": str(options.timing_cache) if options.timing_cache else None,
+            "hardware_compatible": options.hardware_compatible, "version_compatible": options.version_compatible}
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -361,6 +362,8 @@ def build(options: BuildOptions) -> Path:
     if options.precision == "fp16" and backend == "onnxruntime":
         raise BuildError("fp16 needs TensorRT, which is not available here; use --precision int8 or fp32, or "
                          "--backend tensorrt --export-only")
+    if backend == "tensorrt":
+        tensorrt_config(options, options.precision)  # refuse an impossible configuration before any work
     started = time.perf_counter()
     _stage(1, f"loading the model ({options.model or 'the shipped AV-Digits reference'})")
     model = _load_model(options.model)
@@ -402,15 +405,28 @@ def _run_stages(model, options, backend, calib, calib_spec, eval_inputs, eval_la
     for name in model.modality_names:
         chosen[name], tried[name] = _choose(name, baseline[name], calib[name], options, backend, work, evaluator,
                                             baseline)
-    _stage(4, f"compiling for {backend}" + (" (export only)" if options.export_only else ""))
-    files = _write_engines(staging, chosen, FusionParams.from_model(model), backend)
+    _stage(4, f"compiling for {backend}" + (" (export only: no plans are built)" if options.export_only else ""))
+    params = FusionParams.from_model(model)
+    if backend == "tensorrt":
+        shapes = {m.name: m.input_shape for m in model.modalities}
+        files, built_device = compile_tensorrt(staging, chosen, params, shapes, options)
+    else:
+        files, built_device = compile_onnxruntime(staging, chosen, params)
     _stage(5, "verifying every presence pattern against fp32 PyTorch")
     accuracy = evaluator.table({n: staging / files[n]["file"] for n in model.modality_names})
     calib_info = {"method": options.calib_method, "data": str(calib_spec), "samples": len(next(iter(calib.values()))),
                   "data_sha256": file_sha256(calib_spec) if Path(calib_spec).is_file() else None}
-    eval_info = {"data": str(eval_spec), "metric": evaluator.metric,
-                 "samples": len(next(iter(eval_inputs.values())))}
-    return _manifest(model, options, backend, chosen, tried, exported, files, accuracy, calib_info, eval_info)
+    eval_info = {"data": str(eval_spec), "metric": evaluator.metric, "samples": len(next(iter(eval_inputs.values()))),
+                 "engines_run_by": _evaluated_with(backend, options.export_only)}
+    device = _device(backend, built_device, options.export_only)
+    return _manifest(model, options, backend, chosen, tried, exported, files, device, accuracy, calib_info,
+                     eval_info)
+
+
+def _evaluated_with(backend: str, export_only: bool) -> str:
+    if backend == "tensorrt" and export_only:
+        return "onnxruntime, on the TensorRT-target ONNX (no plan was built; rebuild on the target to verify it)"
+    return backend
 
 
 def format_summary(manifest: dict, out: Path, seconds: float) -> str:
@@ -426,6 +442,9 @@ def format_summary(manifest: dict, out: Path, seconds: float) -> str:
               "", "| pattern | fp32 PyTorch | engines | drop |", "|---|---|---|---|"]
     for key, row in manifest["accuracy"]["patterns"].items():
         lines.append(f"| {key} | {row['fp32_torch']:.2f} | {row['engines']:.2f} | {row['drop']:+.2f} |")
+    if manifest["export_only"]:
+        lines += ["", f"Export only: no plan was built. On the target, run `python -m ume_edge.build --backend "
+                  f"tensorrt` there, or the trtexec lines in {out / 'manifest.json'} from inside {out}."]
     return "\n".join(lines)
 
 
@@ -461,13 +480,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-only", action="store_true",
                         help="with --backend tensorrt: write the TensorRT-ready ONNX files and manifest, build no plan")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads for verification (default: all cores)")
+    trt = parser.add_argument_group("TensorRT (with --backend tensorrt)")
+    trt.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit (MiB); lower on Jetson")
+    trt.add_argument("--timing-cache", type=Path, help="persistent timing cache file: rebuilds reuse kernel timings")
+    trt.add_argument("--dla-core", type=int, help="build the encoders for this DLA core (Jetson), GPU fallback on")
+    trt.add_argument("--hardware-compatible", action="store_true",
+                     help="plans that run on any Ampere or newer GPU (slower; not on Jetson)")
+    trt.add_argument("--version-compatible", action="store_true",
+                     help="plans that later TensorRT versions can run (slower)")
     return parser
 
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     options = BuildOptions(args.model, args.precision, args.backend, args.calib_data, args.eval_data,
-                           args.calib_method, args.max_batch, args.max_drop, args.out, args.export_only, args.threads)
+                           args.calib_method, args.max_batch, args.max_drop, args.out, args.export_only, args.threads,
+                           args.workspace_mb, args.timing_cache, args.dla_core, args.hardware_compatible,
+                           args.version_compatible)
     try:
         build(options)
     except (UmeEdgeError, FileNotFoundError, ValueError) as error:

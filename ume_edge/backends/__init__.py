@@ -15,3 +15,12 @@ def get_backend(name: str):
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return import_module(f"ume_edge.backends.{name}")
+
+
+def open_engine(path, threads: int | None = None):
+    """An engine for one file: ``.plan`` -> TensorRT, ``.onnx`` -> ONNX Runtime on the CPU."""
+    from pathlib import Path
+
+    if Path(path).suffix == ".plan":
+        return get_backend("tensorrt").TensorRTEngine(path)
+    return get_backend("onnxruntime").OnnxRuntimeEngine(path, threads)
