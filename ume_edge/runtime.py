@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ume_edge.backends import get_backend
+from ume_edge.backends import get_backend, open_engine
 from ume_edge.errors import BackendUnavailable, EngineMismatch, InputError
 
 SCHEMA_VERSION = 1
@@ -102,6 +102,7 @@ class Pipeline:
 
     def __init__(self, path: Path, manifest: dict, engines: dict, fusion, threads: int | None):
         self.path, self.manifest, self.engines, self.fusion, self.threads = path, manifest, engines, fusion, threads
+        self.device_pipeline = None
         self.modalities = [ModalitySpec(m["name"], tuple(m["shape"]), np.dtype(m["dtype"]))
                            for m in manifest["modalities"]]
         self.modality_names = [m.name for m in self.modalities]
@@ -115,18 +116,18 @@ class Pipeline:
         manifest = read_manifest(path)
         check_compatible(manifest)
         verify_files(path, manifest)
-        backend = get_backend(manifest["backend"])
-        if manifest["backend"] == "tensorrt":
-            engines = {m["name"]: backend.TensorRTEngine(path / m["file"]) for m in manifest["modalities"]}
-            fusion = backend.TensorRTEngine(path / manifest["fusion"]["file"])
-        else:
-            engines = {m["name"]: backend.OnnxRuntimeEngine(path / m["file"], threads) for m in manifest["modalities"]}
-            fusion = backend.OnnxRuntimeEngine(path / manifest["fusion"]["file"], threads)
-        return cls(path, manifest, engines, fusion, threads)
+        engines = {m["name"]: open_engine(path / m["file"], threads) for m in manifest["modalities"]}
+        pipeline = cls(path, manifest, engines, open_engine(path / manifest["fusion"]["file"], threads), threads)
+        if manifest["backend"] == "tensorrt":  # partial logits stay on the GPU between encoders and fusion
+            pipeline.device_pipeline = get_backend("tensorrt").DevicePipeline(
+                engines, pipeline.fusion, pipeline.modality_names, pipeline.num_classes)
+        return pipeline
 
     def infer(self, inputs: dict[str, np.ndarray | None], present: dict[str, np.ndarray] | None = None) -> Prediction:
         given, batch = self._validate(inputs)
         mask = self._presence(given, present or {}, batch)
+        if self.device_pipeline is not None:
+            return Prediction(*self.device_pipeline.run(given, mask), mask)
         partial = np.zeros((batch, len(self.modalities), self.num_classes), np.float32)
         for i, spec in enumerate(self.modalities):
             rows = mask[:, i]

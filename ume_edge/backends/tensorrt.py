@@ -389,33 +389,67 @@ class TensorRTEngine:
         self._context.set_tensor_address(name, pointer)
         return pointer
 
+    @property
+    def stream(self):
+        """The CUDA stream every copy and run of this engine is queued on."""
+        return self._stream
+
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Host arrays in, host arrays out: copy in, run (graph replay where captured), copy out, wait."""
         arrays = {n: np.ascontiguousarray(self._feed(feeds, n), dtype=self.dtypes[n]) for n in self.input_names}
-        batch = self._prepare({n: a.shape for n, a in arrays.items()})
-        kind = self._cudart.cudaMemcpyKind
-        for name, array in arrays.items():
-            self._copy(self._buffers[name], array.ctypes.data, array.nbytes, kind.cudaMemcpyHostToDevice)
-        self._run(batch)
-        outputs = {n: np.empty(tuple(self._context.get_tensor_shape(n)), self.dtypes[n]) for n in self.output_names}
-        for name, array in outputs.items():
-            self._copy(array.ctypes.data, self._buffers[name], array.nbytes, kind.cudaMemcpyDeviceToHost)
-        self.synchronize()
-        return outputs
+        return self.download(self.enqueue(arrays))  # ``arrays`` stays referenced until the wait
 
     def infer_device(self, feeds: dict[str, int], batch_size: int) -> dict[str, DeviceTensor]:
         """Device pointers in (each a ``[batch_size, *shape]`` tensor), device tensors out, with no host copy.
         The outputs live in this engine's buffers and stay valid until its next call."""
-        shapes = {n: (batch_size, *self.max_shapes[n][1:]) for n in self.input_names}
-        self._prepare(shapes)
-        for name, shape in shapes.items():
-            nbytes = int(np.prod(shape)) * self.dtypes[name].itemsize
-            self._copy(self._buffers[name], int(self._feed(feeds, name)), nbytes,
-                       self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice)
-        self._run(batch_size)
+        tensors = {n: DeviceTensor(int(self._feed(feeds, n)), (batch_size, *self.max_shapes[n][1:]), self.dtypes[n])
+                   for n in self.input_names}
+        outputs = self.enqueue(tensors)
         self.synchronize()
+        return outputs
+
+    def input_tensor(self, name: str, batch_size: int) -> DeviceTensor:
+        """This engine's own buffer for input ``name`` at ``batch_size``. Write it on the device (ordered before the
+        run on ``stream``), then feed it to ``enqueue``, which copies nothing for it."""
+        if name not in self.input_names:
+            raise InputError(f"{self.path.name} has no input {name!r}; it takes {self.input_names}")
+        return DeviceTensor(self._buffers[name], (batch_size, *self.max_shapes[name][1:]), self.dtypes[name])
+
+    def enqueue(self, feeds: dict[str, "np.ndarray | DeviceTensor"]) -> dict[str, DeviceTensor]:
+        """Queue the copies in and one run on ``stream`` and return at once, waiting for nothing. A feed is a host
+        array (contiguous, this engine's dtype; copied in), a ``DeviceTensor`` elsewhere on the GPU (copied device to
+        device) or ``input_tensor``'s own buffer (already in place). Keep host arrays alive until the stream is
+        synchronised. The outputs are this engine's buffers: complete once the stream has run, valid until its
+        next call."""
+        tensors = {n: self._feed(feeds, n) for n in self.input_names}
+        batch = self._prepare({n: tuple(t.shape) for n, t in tensors.items()})
+        for name, tensor in tensors.items():
+            self._copy_in(name, tensor)
+        self._run(batch)
         return {n: DeviceTensor(self._buffers[n], tuple(self._context.get_tensor_shape(n)), self.dtypes[n])
                 for n in self.output_names}
+
+    def download(self, tensors: dict[str, DeviceTensor]) -> dict[str, np.ndarray]:
+        """Copy device tensors into new host arrays on ``stream`` (after all that is queued there) and wait."""
+        arrays = {n: np.empty(t.shape, t.dtype) for n, t in tensors.items()}
+        for name, array in arrays.items():
+            self._copy(array.ctypes.data, tensors[name].pointer, array.nbytes,
+                       self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+        self.synchronize()
+        return arrays
+
+    def _copy_in(self, name: str, tensor) -> None:
+        if np.dtype(tensor.dtype) != self.dtypes[name]:
+            raise InputError(f"input {name!r} is {np.dtype(tensor.dtype)}; {self.path.name} takes {self.dtypes[name]}")
+        kind = self._cudart.cudaMemcpyKind
+        nbytes = int(np.prod(tensor.shape)) * self.dtypes[name].itemsize
+        if isinstance(tensor, DeviceTensor):
+            if int(tensor.pointer) != self._buffers[name]:
+                self._copy(self._buffers[name], int(tensor.pointer), nbytes, kind.cudaMemcpyDeviceToDevice)
+        elif not tensor.flags.c_contiguous:
+            raise InputError(f"input {name!r} must be a C-contiguous array")
+        else:
+            self._copy(self._buffers[name], tensor.ctypes.data, nbytes, kind.cudaMemcpyHostToDevice)
 
     def _feed(self, feeds: dict, name: str):
         if name not in feeds:
@@ -481,3 +515,128 @@ class TensorRTEngine:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def present_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of consecutive present rows: ``[1, 1, 0, 1]`` -> ``[(0, 2), (3, 4)]``."""
+    edges = np.diff(np.concatenate(([0], np.asarray(rows, np.int8), [0])))
+    return [(int(a), int(b)) for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))]
+
+
+class DevicePipeline:
+    """``Pipeline.infer`` on one GPU with the partial logits kept there. Only the present rows of each modality go
+    through its encoder; strided device-to-device copies place the encoder's ``partial_logits [rows, C]`` at
+    ``[row, i, :]`` of the fusion engine's own ``partial_logits [B, M, C]`` input buffer (one 2D copy per run of
+    consecutive present rows); the fusion engine runs; only ``logits`` and ``probs`` come back to the host.
+
+    Each engine keeps its own CUDA stream, so the encoders of different modalities may overlap on the GPU. An encoder
+    queues its input copy, its run and its 2D copies on its stream and then records an event; the fusion stream waits
+    for those events before it runs. ``run`` ends by waiting for the fusion stream, which by then has waited for every
+    encoder, so the next ``run`` never overwrites a buffer still in use. The pipeline owns the engines: ``close``
+    closes them.
+    """
+
+    def __init__(self, engines: dict[str, TensorRTEngine], fusion: TensorRTEngine, modality_order: list[str],
+                 num_classes: int):
+        self.engines, self.fusion = engines, fusion
+        self.modality_order, self.num_classes = list(modality_order), int(num_classes)
+        _check_pipeline_engines(engines, fusion, self.modality_order, self.num_classes)
+        self._cudart = _cudart()
+        self._row_bytes = self.num_classes * np.dtype(np.float32).itemsize
+        self._events = {}
+        for name in self.modality_order:
+            self._events[name] = _cuda(self._cudart.cudaEventCreateWithFlags(self._cudart.cudaEventDisableTiming))
+
+    def run(self, given: dict[str, np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, probs)``, float32 ``[B, C]``, for presence ``mask`` (bool ``[B, M]``, ``modality_order``) and
+        ``given[name]``, the full-batch host input of every modality with at least one present row."""
+        mask = self._check(given, mask)
+        encoded = {name: self._encode(i, given[name], mask[:, i]) for i, name in enumerate(self.modality_order)
+                   if mask[:, i].any()}  # the host inputs stay referenced until the final wait
+        for name in encoded:
+            _cuda(self._cudart.cudaStreamWaitEvent(self.fusion.stream, self._events[name], 0))
+        present = mask.astype(np.float32)
+        feeds = {"partial_logits": self.fusion.input_tensor("partial_logits", len(mask)), "present": present}
+        outputs = self.fusion.enqueue(feeds)
+        fused = self.fusion.download({"logits": outputs["logits"], "probs": outputs["probs"]})
+        return fused["logits"], fused["probs"]
+
+    def _encode(self, index: int, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Queue modality ``index``'s encoder on its present rows and the copies of its partial logits into place."""
+        name = self.modality_order[index]
+        engine = self.engines[name]
+        x = np.ascontiguousarray(x if rows.all() else x[rows], dtype=engine.dtypes[name])
+        partial = engine.enqueue({name: x})["partial_logits"]
+        self._scatter(partial.pointer, index, rows, engine.stream)
+        _cuda(self._cudart.cudaEventRecord(self._events[name], engine.stream))
+        return x
+
+    def _scatter(self, source: int, index: int, rows: np.ndarray, stream) -> None:
+        """Copy compact ``[rows, C]`` partial logits at ``source`` to ``[row, index, :]`` of the fusion input."""
+        pitch = len(self.modality_order) * self._row_bytes
+        destination = self.fusion.input_tensor("partial_logits", len(rows)).pointer + index * self._row_bytes
+        done = 0
+        for start, stop in present_runs(rows):
+            _cuda(self._cudart.cudaMemcpy2DAsync(destination + start * pitch, pitch,
+                                                 source + done * self._row_bytes, self._row_bytes,
+                                                 self._row_bytes, stop - start,
+                                                 self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream))
+            done += stop - start
+
+    def _check(self, given: dict[str, np.ndarray], mask) -> np.ndarray:
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.ndim != 2 or mask.shape[1] != len(self.modality_order) or not len(mask):
+            raise InputError(f"mask must be a bool array of shape [batch, {len(self.modality_order)}] (modalities "
+                             f"{self.modality_order}), got {mask.dtype} {list(mask.shape)}")
+        if not mask.any(axis=1).all():
+            raise InputError(f"rows {np.flatnonzero(~mask.any(axis=1))[:10].tolist()} have no modality present")
+        for i, name in enumerate(self.modality_order):
+            if mask[:, i].any() and (name not in given or len(given[name]) != len(mask)):
+                raise InputError(f"modality {name!r} has present rows, so given[{name!r}] must hold all "
+                                 f"{len(mask)} rows of the batch")
+        return mask
+
+    def close(self) -> None:
+        """Close the engines (each waits for its stream first) and free the events; safe to call twice."""
+        for engine in [*self.engines.values(), self.fusion]:
+            engine.close()
+        for event in self._events.values():
+            _cuda(self._cudart.cudaEventDestroy(event))
+        self._events = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _check_pipeline_engines(engines: dict, fusion: TensorRTEngine, order: list[str], num_classes: int) -> None:
+    """Refuse engines whose tensors do not fit ENGINE_FORMAT.md (names, per-sample shapes, float32 partial logits)."""
+    problems = [f"no engine for modality {name!r}" for name in order if name not in engines]
+    problems += [p for name in order if name in engines for p in _encoder_problems(name, engines[name], num_classes)]
+    problems += _fusion_problems(fusion, len(order), num_classes)
+    if problems:
+        raise EngineMismatch("these engines do not form a pipeline: " + "; ".join(problems))
+
+
+def _encoder_problems(name: str, engine: TensorRTEngine, num_classes: int) -> list[str]:
+    if engine.input_names != [name] or "partial_logits" not in engine.output_names:
+        return [f"{engine.path.name} has inputs {engine.input_names} and outputs {engine.output_names}; expected "
+                f"input {name!r} and output 'partial_logits'"]
+    shape, dtype = engine.max_shapes["partial_logits"], engine.dtypes["partial_logits"]
+    if shape[1:] != (num_classes,) or dtype != np.float32:
+        return [f"{engine.path.name} gives partial_logits {dtype} {list(shape)}, "
+                f"expected float32 [batch, {num_classes}]"]
+    return []
+
+
+def _fusion_problems(fusion: TensorRTEngine, num_modalities: int, num_classes: int) -> list[str]:
+    expected = {"partial_logits": (num_modalities, num_classes), "present": (num_modalities,)}
+    found = {n: fusion.max_shapes[n][1:] for n in fusion.input_names}
+    if found != expected or not {"logits", "probs"} <= set(fusion.output_names):
+        return [f"{fusion.path.name} has inputs {found} and outputs {fusion.output_names}; expected inputs "
+                f"{expected} (per sample) and outputs logits and probs"]
+    if fusion.dtypes["partial_logits"] != np.float32:
+        return [f"{fusion.path.name} takes partial_logits as {fusion.dtypes['partial_logits']}, expected float32"]
+    return []

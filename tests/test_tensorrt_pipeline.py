@@ -1,0 +1,349 @@
+"""DevicePipeline: encoders and fusion on one GPU with the partial logits kept there.
+
+Against the fakes in trt_fakes.py (lazy streams, NaN-filled device memory, bounds-checked copies) it must give what
+``ume_edge.fusion.fuse`` gives over NumPy encoders, for every presence pattern and for mixed per-row masks, with absent
+rows never reaching an encoder and only logits and probs coming back to the host. The tests marked ``tensorrt`` and
+``gpu`` build real plans of a tiny two-modality model and its fusion graph and compare with ONNX Runtime."""
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from trt_fakes import FakePlan, install  # tests/trt_fakes.py; pytest puts tests/ on sys.path
+from ume_edge.backends import tensorrt as tensorrt_backend
+from ume_edge.backends.tensorrt import BuildConfig, DevicePipeline, TensorRTEngine, build_engine, present_runs
+from ume_edge.errors import EngineMismatch, InputError
+from ume_edge.fusion import FusionParams, fuse, fusion_graph, softmax
+
+SHAPES = {"audio": (6,), "image": (2, 3), "text": (4,)}
+ORDER = list(SHAPES)
+C = 5
+MAX_BATCH = 8
+RNG = np.random.default_rng(0)
+WEIGHTS = {n: (RNG.standard_normal((int(np.prod(s)), C)).astype(np.float32),
+               RNG.standard_normal(C).astype(np.float32)) for n, s in SHAPES.items()}
+CONSTANTS = RNG.standard_normal((len(ORDER), C)).astype(np.float32)
+PATTERNS = [p for p in itertools.product([False, True], repeat=len(ORDER)) if any(p)]
+
+
+def needs_tensorrt_and_gpu(test):
+    for mark in (pytest.mark.tensorrt, pytest.mark.gpu,
+                 pytest.mark.skipif(not tensorrt_backend.is_available(),
+                                    reason="TensorRT and a CUDA GPU are required; none on this machine")):
+        test = mark(test)
+    return test
+
+
+def params_for(mode: str, order=ORDER, constants=CONSTANTS) -> FusionParams:
+    return FusionParams(mode, list(order), C, constants if mode == "mma" else None)
+
+
+def encode(name: str, x: np.ndarray) -> np.ndarray:
+    weight, bias = WEIGHTS[name]
+    return x.reshape(len(x), -1) @ weight + bias
+
+
+def reference(params: FusionParams, given: dict, mask: np.ndarray, encoder=encode) -> tuple[np.ndarray, np.ndarray]:
+    """What Pipeline.infer computes: each encoder on its present rows only, then the NumPy fusion."""
+    partial = np.zeros((len(mask), len(params.modality_order), C), np.float32)
+    for i, name in enumerate(params.modality_order):
+        if mask[:, i].any():
+            partial[mask[:, i], i] = encoder(name, given[name][mask[:, i]])
+    logits = fuse(params, partial, mask)
+    return logits, softmax(logits)
+
+
+def inputs_for(mask: np.ndarray, order=ORDER, shapes=SHAPES, seed=1) -> dict[str, np.ndarray]:
+    """Full-batch inputs of every modality with a present row; absent rows hold NaN, so a leak shows."""
+    rng = np.random.default_rng(seed)
+    given = {}
+    for i, name in enumerate(order):
+        if mask[:, i].any():
+            x = rng.standard_normal((len(mask), *shapes[name])).astype(np.float32)
+            x[~mask[:, i]] = np.nan
+            given[name] = x
+    return given
+
+
+def random_masks(count: int, batch: int = MAX_BATCH, seed: int = 2) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    masks = []
+    while len(masks) < count:
+        mask = rng.random((batch, len(ORDER))) < 0.5
+        if mask.any(axis=1).all():
+            masks.append(mask)
+    return masks
+
+
+# ---------------------------------------------------------------- against the fakes
+
+
+def fusion_plan(params: FusionParams) -> FakePlan:
+    """A fake plan that runs fusion.onnx itself (ONNX Runtime on the CPU), NaN rows of absent modalities included."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(fusion_graph(params).SerializeToString(), providers=["CPUExecutionProvider"])
+    m = len(params.modality_order)
+
+    def compute(partial_logits, present):
+        logits, probs = session.run(None, {"partial_logits": partial_logits, "present": present})
+        return {"logits": logits, "probs": probs}
+
+    return FakePlan({"partial_logits": (m, C), "present": (m,)}, {"logits": (C,), "probs": (C,)}, compute,
+                    batches=(1, 4, MAX_BATCH))
+
+
+def encoder_plan(name: str) -> FakePlan:
+    def compute(**x):
+        return {"partial_logits": encode(name, x[name])}
+
+    return FakePlan({name: SHAPES[name]}, {"partial_logits": (C,)}, compute, batches=(1, 4, MAX_BATCH))
+
+
+class FakeSetup:
+    """Fake plans on disk for every modality and the fusion, and a way to open them as a DevicePipeline."""
+
+    def __init__(self, monkeypatch, tmp_path, mode: str):
+        self.params = params_for(mode)
+        self.plans = {name.encode(): encoder_plan(name) for name in ORDER}
+        self.plans[b"fusion"] = fusion_plan(self.params)
+        self.trt, self.cuda = install(monkeypatch, tensorrt_backend, self.plans)
+        self.paths = {}
+        for key in self.plans:
+            self.paths[key.decode()] = tmp_path / f"{key.decode()}.plan"
+            self.paths[key.decode()].write_bytes(key)
+
+    def pipeline(self, cuda_graph_batch_sizes=(), order=ORDER) -> DevicePipeline:
+        engines = {n: TensorRTEngine(self.paths[n], cuda_graph_batch_sizes=cuda_graph_batch_sizes) for n in order}
+        fusion = TensorRTEngine(self.paths["fusion"], cuda_graph_batch_sizes=cuda_graph_batch_sizes)
+        return DevicePipeline(engines, fusion, list(order), C)
+
+    def batches_run(self) -> dict[str, list[int]]:
+        return {name: self.plans[name.encode()].batches_run for name in ORDER}
+
+    def forget_runs(self) -> None:
+        for plan in self.plans.values():
+            plan.batches_run.clear()
+        self.cuda.copies.clear()
+
+
+@pytest.fixture(params=["ume", "mma"])
+def setup(request, monkeypatch, tmp_path):
+    return FakeSetup(monkeypatch, tmp_path, request.param)
+
+
+def check_run(setup: FakeSetup, pipeline: DevicePipeline, mask: np.ndarray) -> None:
+    setup.forget_runs()
+    given = inputs_for(mask)
+    logits, probs = pipeline.run(given, mask)
+    expected_logits, expected_probs = reference(setup.params, given, mask)
+    assert logits.dtype == probs.dtype == np.float32 and logits.shape == probs.shape == (len(mask), C)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(probs, expected_probs, rtol=1e-5, atol=1e-6)
+    for i, name in enumerate(ORDER):  # absent rows never reach an encoder; an absent modality's encoder never runs
+        rows = int(mask[:, i].sum())
+        assert setup.batches_run()[name] == ([rows] if rows else []), name
+
+
+def test_every_presence_pattern_matches_numpy(setup):
+    with setup.pipeline() as pipeline:
+        for pattern in PATTERNS * 2:  # the same buffers again: stale rows from earlier runs must not matter
+            check_run(setup, pipeline, np.tile(np.array(pattern), (5, 1)))
+
+
+def test_mixed_per_row_masks_match_numpy(setup):
+    masks = random_masks(12) + [np.eye(len(ORDER), dtype=bool)[[0, 1, 2, 0, 0, 2, 1, 1]],
+                                np.array([[True, False, False]] * 7 + [[False, True, True]])]
+    with setup.pipeline() as pipeline:
+        for mask in masks:
+            check_run(setup, pipeline, mask)
+
+
+def test_one_strided_copy_per_run_of_present_rows_and_only_logits_and_probs_come_back(setup):
+    mask = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 1, 1]], bool)
+    with setup.pipeline() as pipeline:
+        check_run(setup, pipeline, mask)
+    copies = setup.cuda.copies
+    row, pitch = C * 4, len(ORDER) * C * 4
+    strided = [c for c in copies if c["kind"] == "cudaMemcpyDeviceToDevice"]
+    # audio rows 0-1, 3, 5; image rows 0, 2-3, 5; text rows 2-5
+    assert [c["height"] for c in strided] == [2, 1, 1, 1, 2, 1, 4]
+    assert all((c["width"], c["spitch"], c["dpitch"]) == (row, row, pitch) for c in strided)
+    to_host = [c for c in copies if c["kind"] == "cudaMemcpyDeviceToHost"]
+    assert [c["width"] for c in to_host] == [len(mask) * C * 4] * 2  # logits and probs, nothing else
+    to_device = [c["width"] for c in copies if c["kind"] == "cudaMemcpyHostToDevice"]
+    assert to_device == [4 * 6 * 4, 4 * 6 * 4, 4 * 4 * 4, len(mask) * len(ORDER) * 4]  # present rows, then the mask
+
+
+def test_a_whole_present_modality_is_one_strided_copy(setup):
+    with setup.pipeline() as pipeline:
+        check_run(setup, pipeline, np.tile([True, False, True], (7, 1)))
+    strided = [c["height"] for c in setup.cuda.copies if c["kind"] == "cudaMemcpyDeviceToDevice"]
+    assert strided == [7, 7]
+
+
+def test_encoders_and_fusion_replay_their_cuda_graphs(setup):
+    """A captured batch size replays its graph; the fusion's graph reads the partial logits copied into its buffer."""
+    four = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 1], [1, 1, 1]], bool)  # audio 4 rows, image 3, text 3; batch 4
+    eight = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 0]], bool)
+    with setup.pipeline(cuda_graph_batch_sizes=(4,)) as pipeline:
+        check_run(setup, pipeline, four)
+        assert setup.cuda.graph_launches == 2  # audio and fusion
+        check_run(setup, pipeline, eight)  # audio 5 rows, image 5, text 4; batch 8
+        assert setup.cuda.graph_launches == 3  # text
+
+
+def test_a_missing_wait_between_streams_is_caught_by_the_fakes(setup, monkeypatch):
+    """The fakes run each stream's work only when waited for: without the fusion stream's waits on the encoders,
+    the fusion reads its never-written NaN buffer. So the passing tests above do check the synchronisation."""
+    with setup.pipeline() as pipeline:
+        monkeypatch.setattr(setup.cuda, "cudaStreamWaitEvent", lambda stream, event, flags: setup.cuda.ok())
+        mask = np.ones((3, len(ORDER)), bool)
+        logits, _ = pipeline.run(inputs_for(mask), mask)
+    assert np.isnan(logits).all()
+
+
+def test_enqueue_waits_for_nothing_and_download_waits(monkeypatch, tmp_path):
+    _, cuda = install(monkeypatch, tensorrt_backend)
+    plan = tmp_path / "x.plan"
+    plan.write_bytes(b"serialized plan")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with TensorRTEngine(plan) as engine:
+        y = engine.enqueue({"x": x})["y"]
+        assert y.shape == (2, 2) and np.isnan(cuda.view(y.pointer, y.shape, y.dtype)).all()  # queued, not run
+        np.testing.assert_array_equal(engine.download({"y": y})["y"], engine.infer({"x": x})["y"])
+        own = engine.input_tensor("x", 2)
+        cuda.view(own.pointer, own.shape, own.dtype)[:] = x + 1
+        copies = len(cuda.copies)
+        np.testing.assert_array_equal(engine.download(engine.enqueue({"x": own}))["y"], engine.infer({"x": x + 1})["y"])
+        assert cuda.copies[copies]["kind"] == "cudaMemcpyDeviceToHost"  # the input already in place was not copied
+        with pytest.raises(InputError, match="is float64"):
+            engine.enqueue({"x": tensorrt_backend.DeviceTensor(own.pointer, own.shape, np.dtype(np.float64))})
+
+
+def test_close_frees_everything_once(setup):
+    pipeline = setup.pipeline()
+    mask = np.ones((2, len(ORDER)), bool)
+    pipeline.run(inputs_for(mask), mask)
+    pipeline.close()
+    pipeline.close()
+    assert setup.cuda.memory == {} and setup.cuda.streams_alive == 0 and setup.cuda.events == []
+
+
+@pytest.mark.parametrize(("mask", "given", "message"), [
+    (np.ones((2, 3), np.int64), None, r"mask must be a bool array of shape \[batch, 3\].*int64 \[2, 3\]"),
+    (np.ones((2, 2), bool), None, r"mask must be a bool array.*bool \[2, 2\]"),
+    (np.ones((0, 3), bool), None, r"mask must be a bool array"),
+    (np.array([[1, 0, 0], [0, 0, 0]], bool), None, r"rows \[1\] have no modality present"),
+    (np.array([[1, 0, 1], [1, 0, 0]], bool), {"audio"}, r"modality 'text' has present rows"),
+])
+def test_bad_masks_and_missing_inputs_are_refused(setup, mask, given, message):
+    with setup.pipeline() as pipeline:
+        inputs = inputs_for(np.ones((len(mask), 3), bool)) if len(mask) else {}
+        inputs = {n: x for n, x in inputs.items() if given is None or n in given}
+        with pytest.raises(InputError, match=message):
+            pipeline.run(inputs, mask)
+
+
+def test_a_batch_above_the_profile_is_refused(setup):
+    mask = np.ones((MAX_BATCH + 1, len(ORDER)), bool)
+    with setup.pipeline() as pipeline, pytest.raises(InputError, match=r"with batch 1..8"):
+        pipeline.run(inputs_for(mask), mask)
+
+
+def test_engines_that_do_not_form_a_pipeline_are_refused(setup):
+    engines = {n: TensorRTEngine(setup.paths[n]) for n in ORDER}
+    fusion = TensorRTEngine(setup.paths["fusion"])
+    with pytest.raises(EngineMismatch, match="no engine for modality 'text'"):
+        DevicePipeline({n: engines[n] for n in ORDER[:2]}, fusion, ORDER, C)
+    with pytest.raises(EngineMismatch, match=r"image.plan has inputs \['image'\].*expected input 'audio'"):
+        DevicePipeline({**engines, "audio": engines["image"]}, fusion, ORDER, C)
+    with pytest.raises(EngineMismatch, match=r"audio.plan gives partial_logits float32 \[8, 5\], expected .*, 7\]"):
+        DevicePipeline(engines, fusion, ORDER, 7)
+    with pytest.raises(EngineMismatch, match=r"fusion.plan has inputs .*'present': \(3,\).*expected inputs.*\(2,\)"):
+        DevicePipeline({n: engines[n] for n in ORDER[:2]}, fusion, ORDER[:2], C)
+    for engine in [*engines.values(), fusion]:
+        engine.close()
+
+
+def test_present_runs():
+    assert present_runs(np.array([1, 1, 0, 1, 0, 0, 1, 1, 1], bool)) == [(0, 2), (3, 4), (6, 9)]
+    assert present_runs(np.array([0, 0], bool)) == [] and present_runs(np.array([True])) == [(0, 1)]
+
+
+# ---------------------------------------------------------------- real TensorRT on a real GPU
+
+REAL_SHAPES = {"audio": (6,), "image": (1, 4, 4)}
+REAL_ORDER = list(REAL_SHAPES)
+
+
+def linear_encoder_onnx(name: str, shape: tuple[int, ...], seed: int) -> onnx.ModelProto:
+    """``partial_logits = flatten(x) @ W + b``: a tiny encoder with its slice of the head, as ENGINE_FORMAT.md says."""
+    rng = np.random.default_rng(seed)
+    features = int(np.prod(shape))
+    initializers = [numpy_helper.from_array(rng.standard_normal((features, C)).astype(np.float32), "weight"),
+                    numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "bias")]
+    nodes = [helper.make_node("Flatten", [name], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "weight"], ["product"]),
+             helper.make_node("Add", ["product", "bias"], ["partial_logits"])]
+    graph = helper.make_graph(nodes, f"{name}_encoder",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape])],
+                              [helper.make_tensor_value_info("partial_logits", TensorProto.FLOAT, ["batch", C])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def real_plans(tmp_path_factory):
+    """Plans of the two encoders and of the UME and MMA fusion graphs, and the ONNX they came from."""
+    directory = tmp_path_factory.mktemp("trt_pipeline")
+    config = BuildConfig(max_batch=MAX_BATCH, timing_cache=directory / "timing.cache")
+    files = {}
+    models = {n: linear_encoder_onnx(n, s, seed) for seed, (n, s) in enumerate(REAL_SHAPES.items())}
+    for mode in ("ume", "mma"):
+        models[f"fusion-{mode}"] = fusion_graph(params_for(mode, REAL_ORDER, CONSTANTS[:2]))
+    for key, model in models.items():
+        files[key] = directory / f"{key}.onnx", directory / f"{key}.plan"
+        onnx.save(model, files[key][0])
+    for name, shape in REAL_SHAPES.items():
+        build_engine(files[name][0], files[name][1], {name: shape}, config)
+    for mode in ("ume", "mma"):
+        shapes = {"partial_logits": (len(REAL_ORDER), C), "present": (len(REAL_ORDER),)}
+        build_engine(files[f"fusion-{mode}"][0], files[f"fusion-{mode}"][1], shapes, config)
+    return files
+
+
+def onnxruntime_encoder(files):
+    import onnxruntime as ort
+
+    sessions = {n: ort.InferenceSession(str(files[n][0]), providers=["CPUExecutionProvider"]) for n in REAL_ORDER}
+    return lambda name, x: sessions[name].run(None, {name: x})[0]
+
+
+def real_masks() -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    whole = [np.tile(np.array(p), (b, 1)) for p in [(1, 1), (1, 0), (0, 1)] for b in (1, 4, MAX_BATCH)]
+    mixed = [m for m in (rng.random((MAX_BATCH, 2)) < 0.5 for _ in range(40)) if m.any(axis=1).all()][:8]
+    return [m.astype(bool) for m in whole + mixed]
+
+
+@needs_tensorrt_and_gpu
+@pytest.mark.parametrize("mode", ["ume", "mma"])
+@pytest.mark.parametrize("graphs", [(), (4,)], ids=["plain", "cuda-graphs"])
+def test_real_device_pipeline_matches_onnxruntime_and_fuse(real_plans, mode, graphs):
+    params = params_for(mode, REAL_ORDER, CONSTANTS[:2])
+    encoder = onnxruntime_encoder(real_plans)
+    engines = {n: TensorRTEngine(real_plans[n][1], cuda_graph_batch_sizes=graphs) for n in REAL_ORDER}
+    fusion = TensorRTEngine(real_plans[f"fusion-{mode}"][1], cuda_graph_batch_sizes=graphs)
+    with DevicePipeline(engines, fusion, REAL_ORDER, C) as pipeline:
+        for mask in real_masks() * 2:  # twice over the same buffers: stale rows must not matter
+            given = inputs_for(mask, REAL_ORDER, REAL_SHAPES, seed=int(mask.sum()))
+            logits, probs = pipeline.run(given, mask)
+            expected_logits, expected_probs = reference(params, given, mask, encoder)
+            np.testing.assert_allclose(logits, expected_logits, rtol=1e-2, atol=1e-2)  # TF32 kernels
+            np.testing.assert_allclose(probs, expected_probs, rtol=1e-2, atol=1e-2)
