@@ -25,9 +25,9 @@ from ume_edge.model import UMEModel, conv_modalities
 
 @dataclass
 class Recipe:
-    uni_epochs: int = 12
-    mma_epochs: int = 6
-    naive_epochs: int = 12
+    uni_epochs: int = 14
+    mma_epochs: int = 8
+    naive_epochs: int = 14
     batch_size: int = 64
     lr: float = 2e-3
     mma_lr: float = 3e-4

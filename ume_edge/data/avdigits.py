@@ -54,7 +54,7 @@ VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f
 class Degradation:
     """How hard each modality is made. Tuned so each alone reaches 60-90% and together >= 5 points more."""
 
-    image_noise: float = 0.42
+    image_noise: float = 0.34
     image_occlusion: int = 12
     audio_snr_db: tuple[float, float] = (-9.0, -2.0)
     audio_distractor_gain: float = 0.5
