@@ -133,8 +133,10 @@ class Pipeline:
             rows = mask[:, i]
             if not rows.any():
                 continue
-            x = given[spec.name] if rows.all() else given[spec.name][rows]
-            partial[rows, i] = self.engines[spec.name].infer({spec.name: x})["partial_logits"]
+            every_row = rows.all()
+            x = given[spec.name] if every_row else given[spec.name][rows]
+            partial[slice(None) if every_row else rows, i] = self.engines[spec.name].infer({spec.name: x})[
+                "partial_logits"]
         fused = self.fusion.infer({"partial_logits": partial, "present": mask.astype(np.float32)})
         return Prediction(fused["logits"], fused["probs"], mask)
 
@@ -182,7 +184,10 @@ class Pipeline:
                 if spec.name in present and np.any(present[spec.name]):
                     raise InputError(f"present[{spec.name!r}] marks rows present but no {spec.name!r} input was given")
                 continue
-            rows = np.asarray(present.get(spec.name, np.ones(batch, bool)))
+            if spec.name not in present:
+                mask[:, i] = True
+                continue
+            rows = np.asarray(present[spec.name])
             if rows.shape != (batch,) or rows.dtype != bool:
                 raise InputError(f"present[{spec.name!r}] must be a bool array of shape ({batch},), got "
                                  f"{rows.dtype} {list(rows.shape)}")
