@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ume_edge.build import DEFAULT_CALIB, BuildOptions, build
-from ume_edge.data import load, presence_patterns
+from ume_edge.data import presence_patterns
 from ume_edge.errors import BuildError
 from ume_edge.qdq_rules import check_tensorrt_qdq
 from ume_edge.runtime import Pipeline

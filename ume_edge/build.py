@@ -26,6 +26,7 @@ from ume_edge.errors import BackendUnavailable, BuildError, UmeEdgeError
 from ume_edge.fusion import FusionParams, fuse
 from ume_edge.metrics import percent_equal
 from ume_edge.quantize import CALIB_METHODS
+from ume_edge.runtime import file_sha256
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = PROJECT_ROOT / "calibrate" / "avdigits.npz"
@@ -391,8 +392,6 @@ def build(options: BuildOptions) -> Path:
 
 
 def _run_stages(model, options, backend, calib, calib_spec, eval_inputs, eval_labels, eval_spec, staging) -> dict:
-    from ume_edge.model import file_sha256
-
     work = staging / "work"
     work.mkdir()
     _stage(2, "exporting one ONNX per modality (encoder + its slice of the head)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from ume_edge.fusion import FusionParams, fusion_graph
-from ume_edge.model import file_sha256
+from ume_edge.runtime import file_sha256
 
 TRTEXEC_MAJORS = (10, 11)
 

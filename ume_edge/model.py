@@ -10,7 +10,6 @@ mixed batches. An absent modality's encoder is never run. Fusion (see METHOD.md)
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -250,14 +249,6 @@ def _from_factory(spec: str) -> UMEModel:
     if not isinstance(model, UMEModel):
         raise TypeError(f"{spec} returned {type(model).__name__}, expected a UMEModel")
     return model.eval()
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_reference() -> UMEModel:

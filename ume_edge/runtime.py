@@ -39,7 +39,7 @@ class Prediction:
         return self.logits.argmax(axis=1)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
@@ -70,7 +70,7 @@ def verify_files(directory: Path, manifest: dict) -> None:
         path = directory / file
         if not path.is_file():
             raise EngineMismatch(f"{path} is missing ({name}); rebuild the directory with `python -m ume_edge.build`")
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise EngineMismatch(f"{path} ({name}) does not match the hash in its manifest: the file was changed "
                                  "or corrupted after the build. Rebuild with `python -m ume_edge.build`")
 
