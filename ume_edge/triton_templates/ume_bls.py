@@ -1,0 +1,141 @@
+"""ume-edge entry model for Triton's Python backend (BLS): run only the encoders whose inputs are present, then fuse.
+
+``python -m ume_edge.triton_repo`` copies this file to ``<repository>/ume/1/model.py`` and writes the config:
+one ``optional: true`` input per modality, outputs ``logits``/``probs`` (float32 [C]) and ``label`` (int64 [1]),
+and parameters naming the modality order, the encoder models and the fusion model.
+
+One ``execute`` call receives the requests the dynamic batcher grouped. Bad requests get their own error
+response; the rest are stacked: each modality's present rows go to its encoder in one call (concurrently, with
+``async_exec``), an absent modality's encoder is never called, and the fusion runs once on the ``[B, M, C]`` partial
+logits and the ``[B, M]`` presence mask.
+"""
+
+import asyncio
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class BadRequest(ValueError):
+    """The client sent something this model cannot answer; the message says what and how to fix it."""
+
+
+def _error(message, invalid_argument=False):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_argument else None
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def _cpu_outputs():
+    """Ask BLS for outputs in CPU memory (TensorRT encoders would otherwise answer in GPU memory)."""
+    if hasattr(pb_utils, "PreferredMemory"):
+        return {"preferred_memory": pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)}
+    return {}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.modalities = json.loads(parameters["modality_order"])
+        self.input_names = json.loads(parameters["input_names"])
+        self.encoder_models = json.loads(parameters["encoder_models"])
+        self.encoder_outputs = json.loads(parameters["encoder_outputs"])
+        self.fusion_model = parameters["fusion_model"]
+        self.max_batch = int(config["max_batch_size"])
+        self.num_classes = int(pb_utils.get_output_config_by_name(config, "logits")["dims"][0])
+        self.dtypes = {name: pb_utils.triton_string_to_numpy(pb_utils.get_input_config_by_name(
+            config, self.input_names[name])["data_type"]) for name in self.modalities}
+        self.memory = _cpu_outputs()
+
+    async def execute(self, requests):
+        parsed = [self._parse_or_error(request) for request in requests]
+        good = [index for index, item in enumerate(parsed) if isinstance(item, dict)]
+        responses = [item if not isinstance(item, dict) else None for item in parsed]
+        if good:
+            try:
+                results = await self._infer([parsed[index] for index in good])
+                for index, result in zip(good, results):
+                    responses[index] = pb_utils.InferenceResponse(
+                        [pb_utils.Tensor(name, value) for name, value in result.items()])
+            except Exception as error:  # an encoder or the fusion failed: every request of the batch learns why
+                for index in good:
+                    responses[index] = _error(f"ume: inference failed: {error}")
+        return responses
+
+    # -- validation ----------------------------------------------------------------------------------------
+
+    def _parse_or_error(self, request):
+        try:
+            return self._parse(request)
+        except BadRequest as error:
+            return _error(f"ume: {error}", invalid_argument=True)
+
+    def _parse(self, request):
+        """{modality: array} for the present modalities of one request, or BadRequest naming the problem."""
+        present = {}
+        for name in self.modalities:
+            tensor = pb_utils.get_input_tensor_by_name(request, self.input_names[name])
+            if tensor is not None:
+                present[name] = self._check(name, tensor.as_numpy())
+        if not present:
+            raise BadRequest(f"no modality present; send at least one of the inputs {', '.join(self.modalities)}")
+        sizes = {name: array.shape[0] for name, array in present.items()}
+        if len(set(sizes.values())) > 1:
+            raise BadRequest(f"inputs disagree on the batch size ({sizes}); send the same number of rows for each")
+        return present
+
+    def _check(self, name, array):
+        if array.ndim == 0 or array.shape[0] == 0:
+            raise BadRequest(f"input {name!r} has no rows (shape {list(array.shape)}); leave it out instead")
+        if array.shape[0] > self.max_batch:
+            raise BadRequest(f"input {name!r} has {array.shape[0]} rows, above the maximum batch {self.max_batch}; "
+                             "split the request")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad_rows = np.flatnonzero(~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1))
+            raise BadRequest(f"input {name!r} holds NaN or infinite values (rows {bad_rows[:8].tolist()}); "
+                             f"send finite values, or leave {name!r} out if that sensor has no reading")
+        return array
+
+    # -- inference -----------------------------------------------------------------------------------------
+
+    async def _infer(self, batch):
+        sizes = [next(iter(request.values())).shape[0] for request in batch]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        total = int(offsets[-1])
+        partial = np.zeros((total, len(self.modalities), self.num_classes), np.float32)
+        present = np.zeros((total, len(self.modalities)), np.float32)
+        rows_by_modality = {}
+        for index, name in enumerate(self.modalities):
+            members = [i for i, request in enumerate(batch) if name in request]
+            if members:  # an absent modality's encoder is never called
+                rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members])
+                rows_by_modality[name] = (index, rows, np.concatenate([batch[i][name] for i in members]))
+        outputs = await asyncio.gather(*(self._encode(name, stacked) for name, (_, _, stacked)
+                                         in rows_by_modality.items()))
+        for (index, rows, _), partial_logits in zip(rows_by_modality.values(), outputs):
+            partial[rows, index] = partial_logits
+            present[rows, index] = 1.0
+        fused = await self._call(self.fusion_model, {"partial_logits": partial, "present": present},
+                                 ["logits", "probs"])
+        labels = np.argmax(fused["logits"], axis=1).astype(np.int64)[:, None]
+        return [{"logits": fused["logits"][a:b], "probs": fused["probs"][a:b], "label": labels[a:b]}
+                for a, b in zip(offsets[:-1], offsets[1:])]
+
+    async def _encode(self, name, stacked):
+        output = self.encoder_outputs[name]
+        result = await self._call(self.encoder_models[name], {self.input_names[name]: stacked}, [output])
+        return result[output]
+
+    async def _call(self, model_name, inputs, output_names):
+        request = pb_utils.InferenceRequest(
+            model_name=model_name,
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
+            requested_output_names=output_names,
+            **self.memory,
+        )
+        response = await request.async_exec()
+        if response.has_error():
+            raise RuntimeError(f"model {model_name!r} answered: {response.error().message()}")
+        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy().copy() for name in output_names}

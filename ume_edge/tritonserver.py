@@ -1,0 +1,303 @@
+"""Run the ``tritonserver`` that the nvidia-pytriton wheel ships, standalone or under PyTriton.
+
+The wheel carries a real Triton Inference Server with only the Python backend. Using it outside PyTriton needs
+three things PyTriton normally arranges (see shared FACTS):
+
+* a backend directory ``python/`` holding the wheel's ``libtriton_python.so`` and ``triton_python_backend_utils.py``
+  *and* the Python-backend stub built for the running interpreter;
+* ``LD_LIBRARY_PATH`` with this interpreter's libpython directory first (otherwise the stub picks up the system
+  ``libpython3.X.so`` and models fail with ``'_thread.RLock' object has no attribute '_recursion_count'``), then the
+  wheel's ``nvidia_pytriton.libs/`` (``libcudart``);
+* ``PATH`` with this environment's ``bin/`` first, so the stub's embedded Python finds the installed packages.
+
+Nothing here imports pytriton itself; the wheel is located with ``importlib.util.find_spec``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import filecmp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from importlib.util import find_spec
+from pathlib import Path
+
+from ume_edge.errors import BackendUnavailable
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ume-edge" / "triton-backends"
+_INSTALL_HINT = "install it with: pip install 'ume-edge[serve]'  (nvidia-pytriton ships the tritonserver binary)"
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonDistribution:
+    """Where the pieces of the wheel's Triton live."""
+
+    root: Path  # .../site-packages/pytriton/tritonserver
+    libs_dir: Path  # .../site-packages/nvidia_pytriton.libs
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def python_backend(self) -> Path:
+        return self.root / "backends" / "python"
+
+    def stub(self, python_version: str | None = None) -> Path:
+        version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+        return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+
+
+def find_distribution() -> TritonDistribution:
+    """Locate the tritonserver inside the installed nvidia-pytriton wheel, or say how to get it."""
+    spec = find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendUnavailable(f"nvidia-pytriton is not installed; {_INSTALL_HINT}")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    distribution = TritonDistribution(root=package_dir / "tritonserver",
+                                      libs_dir=package_dir.parent / "nvidia_pytriton.libs")
+    missing = [p for p in (distribution.binary, distribution.python_backend, distribution.stub()) if not p.exists()]
+    if missing:
+        raise BackendUnavailable(
+            f"the nvidia-pytriton wheel at {package_dir} lacks {', '.join(map(str, missing))} "
+            f"(no stub for Python {sys.version_info.major}.{sys.version_info.minor}?); reinstall it, or use a Python "
+            "it has a stub for"
+        )
+    return distribution
+
+
+def prepare_backend_directory(cache_dir: str | os.PathLike | None = None,
+                              distribution: TritonDistribution | None = None) -> Path:
+    """A ``--backend-directory`` whose ``python/`` holds the wheel's backend plus this interpreter's stub.
+
+    Files are copied once into the cache and refreshed when the wheel's copies differ.
+    """
+    distribution = distribution or find_distribution()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    backends_dir = Path(cache_dir or DEFAULT_CACHE_DIR) / f"py{version}"
+    python_dir = backends_dir / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    sources = [p for p in distribution.python_backend.iterdir() if p.is_file()] + [distribution.stub(version)]
+    for source in sources:
+        _copy_if_changed(source, python_dir / source.name)
+    return backends_dir
+
+
+def _copy_if_changed(source: Path, target: Path) -> None:
+    if target.exists() and filecmp.cmp(source, target, shallow=False):
+        return
+    partial = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.copy2(source, partial)
+    os.replace(partial, target)  # atomic, so concurrent starts never see half a stub
+
+
+def libpython_dir() -> str:
+    """The directory holding this interpreter's ``libpython3.X.so`` (pyenv's, not the system one)."""
+    return sysconfig.get_config_var("LIBDIR") or str(Path(sys.base_prefix) / "lib")
+
+
+def _prepend_paths(existing: str | None, *first: str) -> str:
+    parts = [p for p in first if p]
+    parts += [p for p in (existing or "").split(os.pathsep) if p and p not in parts]
+    return os.pathsep.join(parts)
+
+
+def triton_environment(base: dict | None = None, distribution: TritonDistribution | None = None) -> dict[str, str]:
+    """Environment for a tritonserver process whose Python-backend stub must run this interpreter's packages."""
+    env = dict(os.environ if base is None else base)
+    libs = [libpython_dir()]
+    if distribution is not None:
+        libs.append(str(distribution.libs_dir))
+    env["LD_LIBRARY_PATH"] = _prepend_paths(env.get("LD_LIBRARY_PATH"), *libs)
+    env["PATH"] = _prepend_paths(env.get("PATH"), str(Path(sys.executable).parent))
+    return env
+
+
+def apply_pytriton_libpython_fix() -> None:
+    """Make PyTriton's tritonserver child load this interpreter's libpython.
+
+    PyTriton starts tritonserver with a copy of ``os.environ`` (appending its own libs folder), and the Python
+    backend stub is a grandchild that inherits it; the current process never reloads libpython, so setting the
+    variables here, before ``Triton.run()``, is enough - no re-exec is needed.
+    """
+    fixed = triton_environment()
+    os.environ["LD_LIBRARY_PATH"] = fixed["LD_LIBRARY_PATH"]
+    os.environ["PATH"] = fixed["PATH"]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on localhost right now."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+class TritonServerError(BackendUnavailable):
+    """A server did not start, or did not become ready; the message carries the end of its log."""
+
+
+class ServerProcess:
+    """A child process serving Triton's HTTP/gRPC/metrics endpoints: start, wait until ready, log, stop.
+
+    Subclasses give ``command()``, ``environment()`` and, optionally, ``ready_paths()``.
+    """
+
+    name = "server"
+
+    def __init__(self, *, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
+                 keep_log: bool = False):
+        self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
+        self.keep_log = keep_log  # otherwise the log file is deleted after a clean stop
+        self.process: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+        self._log_file = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://localhost:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def ready_paths(self) -> list[str]:
+        """HTTP paths that answer 200 once the server is ready."""
+        return ["/v2/health/ready"]
+
+    def start(self, timeout_s: float = 120.0):
+        """Start the process and return once it is ready; raise with the end of its log if it is not."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"{self.name} already running (pid {self.process.pid}); stop() it first")
+        command, env = self.command(), self.environment()
+        self._log_file = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
+        self.log_path = Path(self._log_file.name)
+        self.process = subprocess.Popen(command, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonServerError(f"{self.name} exited with code {self.process.returncode} while starting "
+                                        f"(log {self.log_path}):\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise TritonServerError(f"{self.name} was not ready after {timeout_s:.0f} s (log {self.log_path}):\n"
+                                f"{self.log_tail()}")
+
+    def is_ready(self) -> bool:
+        return all(_http_ok(f"{self.http_url}{path}") for path in self.ready_paths())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def stop(self, signum: int = signal.SIGINT, timeout_s: float = 30.0) -> int | None:
+        """Send ``signum`` (graceful), SIGKILL the process group if it hangs; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            if self.process.returncode == 0 and not self.keep_log:
+                self.log_path.unlink(missing_ok=True)
+        return self.process.returncode
+
+    def __enter__(self):
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class TritonServer(ServerProcess):
+    """The wheel's tritonserver, standalone, serving one model repository.
+
+    >>> with TritonServer("triton_models", grpc_port=8001, http_port=8000, metrics_port=8002) as server:
+    ...     server.grpc_url   # 'localhost:8001'
+    """
+
+    name = "tritonserver"
+
+    def __init__(self, model_repository: str | os.PathLike, *, grpc_port: int = 8001, http_port: int = 8000,
+                 metrics_port: int = 8002, log_verbose: int = 0, exit_timeout_s: int = 5,
+                 extra_args: list[str] | None = None, cache_dir: str | os.PathLike | None = None,
+                 keep_log: bool = False):
+        super().__init__(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, keep_log=keep_log)
+        self.model_repository = Path(model_repository).resolve()
+        self.log_verbose, self.exit_timeout_s = log_verbose, exit_timeout_s
+        self.extra_args = list(extra_args or [])
+        self.cache_dir = cache_dir
+        self._distribution: TritonDistribution | None = None
+
+    def start(self, timeout_s: float = 120.0) -> "TritonServer":
+        if not self.model_repository.is_dir():
+            raise FileNotFoundError(f"model repository {self.model_repository} does not exist; "
+                                    "write one with: python -m ume_edge.triton_repo --engines DIR --out DIR")
+        self._distribution = find_distribution()
+        return super().start(timeout_s)
+
+    def command(self) -> list[str]:
+        distribution = self._distribution or find_distribution()
+        return [
+            str(distribution.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={prepare_backend_directory(self.cache_dir, distribution)}",
+            f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}",
+            "--allow-grpc=true", "--allow-http=true", "--allow-metrics=true", "--allow-gpu-metrics=false",
+            "--exit-on-error=true", "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return triton_environment(distribution=self._distribution or find_distribution())
+
+    def stop(self, signum: int = signal.SIGINT, timeout_s: float | None = None) -> int | None:
+        return super().stop(signum, timeout_s if timeout_s is not None else self.exit_timeout_s + 25)
