@@ -6,34 +6,11 @@ shared and noisy: absolute times mean little, interleaved ratios hold).
 - A modality absent: latency <= (share of the present encoders in the full latency + 10%) of the full latency.
 """
 
-import time
-
-import numpy as np
 import pytest
 
-from cases import batch_of, record
+from cases import batch_of, interleaved_medians, record
 
 pytestmark = pytest.mark.target
-ROUNDS = 15
-
-
-def _timed(fn, calls):
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
-def interleaved_medians(*fns, rounds=ROUNDS, budget_s=0.02):
-    """Median seconds per call of each function, measured in alternating rounds so drift hits all alike."""
-    for fn in fns:
-        fn()
-    calls = [max(1, int(budget_s / max(_timed(fn, 1), 1e-6))) for fn in fns]
-    samples = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            samples[i].append(_timed(fn, calls[i]))
-    return [float(np.median(s)) for s in samples]
 
 
 def _torch_call(torch_model, inputs):

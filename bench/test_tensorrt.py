@@ -8,7 +8,7 @@ batch-1 pipeline latency <= 0.1 ms.
 import numpy as np
 import pytest
 
-from cases import batch_of, record
+from cases import batch_of, interleaved_medians, record
 from ume_edge.backends.tensorrt import is_available
 
 pytestmark = [pytest.mark.skipif(not is_available(), reason="TensorRT and a CUDA GPU are required; none here"),
@@ -51,8 +51,6 @@ def test_tensorrt_pipeline(benchmark, plans, test_inputs, pattern, batch):
 @pytest.mark.target
 def test_h100_targets(benchmark, plans, torch_model, test_inputs):
     import torch
-
-    from test_targets import interleaved_medians
 
     gpu_model = torch_model.to("cuda").half()
     big = _inputs(test_inputs, MAX_BATCH)

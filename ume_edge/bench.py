@@ -98,6 +98,33 @@ def _compare_cell(case: Case, previous: Case | None, threshold: float) -> str:
     return f"{change:+.0%}{mark}"
 
 
+CASE_FIELDS = {"kind", "target", "backend", "precision", "batch", "p90_s"}
+
+
+def targets_table(cases: list[Case]) -> list[str]:
+    """The ratios the target benchmarks measured (alternating rounds in one run) and asserted."""
+    rows = [c for c in cases if c.kind == "target"]
+    if not rows:
+        return []
+    lines = ["| target | batch | measured |", "|---|---|---|"]
+    for case in rows:
+        measured = ", ".join(f"{k} {v:.2f}" for k, v in case.extra.items()
+                             if k not in CASE_FIELDS and isinstance(v, float))
+        lines.append(f"| {case.target} | {case.batch} | {measured} |")
+    return ["## Targets", "", *lines, ""]
+
+
+def memory_table(cases: list[Case]) -> list[str]:
+    rows = [c for c in cases if c.kind == "memory"]
+    if not rows:
+        return []
+    lines = ["## Memory", "", "| process | peak RSS (MiB) | engine files (KiB) |", "|---|---|---|"]
+    for case in rows:
+        sizes = ", ".join(f"{name} {kib:.0f}" for name, kib in sorted(case.extra.get("engine_kib", {}).items()))
+        lines.append(f"| {case.target} | {case.extra.get('peak_rss_mb', float('nan')):.0f} | {sizes} |")
+    return [*lines, ""]
+
+
 def regressions(cases: list[Case], old: dict[str, Case], threshold: float) -> list[str]:
     return [c.name for c in cases if c.name in old and c.median_s / old[c.name].median_s - 1 > threshold]
 
@@ -201,8 +228,11 @@ def report(results: Path, out: Path, compare: Path | None = None, threshold: flo
     out.mkdir(parents=True, exist_ok=True)
     old = {c.name: c for c in load_cases(compare)[0]} if compare else None
     plots = [p for p in (plot_latency_per_pattern(cases, out), plot_throughput(cases, out)) if p]
-    parts = ["# ume-edge benchmark report", "", f"Machine: {machine_line(machine)}", "", *headline(cases), "",
-             table(cases, old, threshold), ""]
+    measured = [c for c in cases if c.kind not in ("target", "memory")]
+    parts = ["# ume-edge benchmark report", "", f"Machine: {machine_line(machine)}", "", *headline(measured), "",
+             *targets_table(cases), *memory_table(cases), "## All cases", "",
+             "Accuracy is the engines' (or PyTorch's) on the build's evaluation data, from the manifest.", "",
+             table(measured, old, threshold), ""]
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     found = regressions(cases, old, threshold) if old else []
     if old is not None:

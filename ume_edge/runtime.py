@@ -129,14 +129,11 @@ class Pipeline:
         if self.device_pipeline is not None:
             return Prediction(*self.device_pipeline.run(given, mask), mask)
         partial = np.zeros((batch, len(self.modalities), self.num_classes), np.float32)
-        for i, spec in enumerate(self.modalities):
-            rows = mask[:, i]
-            if not rows.any():
+        for i, (spec, any_row, every_row) in enumerate(zip(self.modalities, mask.any(0), mask.all(0))):
+            if not any_row:
                 continue
-            every_row = rows.all()
-            x = given[spec.name] if every_row else given[spec.name][rows]
-            partial[slice(None) if every_row else rows, i] = self.engines[spec.name].infer({spec.name: x})[
-                "partial_logits"]
+            rows = slice(None) if every_row else mask[:, i]
+            partial[rows, i] = self.engines[spec.name].infer({spec.name: given[spec.name][rows]})["partial_logits"]
         fused = self.fusion.infer({"partial_logits": partial, "present": mask.astype(np.float32)})
         return Prediction(fused["logits"], fused["probs"], mask)
 
@@ -175,6 +172,8 @@ class Pipeline:
         return np.ascontiguousarray(x)
 
     def _presence(self, given: dict[str, np.ndarray], present: dict, batch: int) -> np.ndarray:
+        if not present:  # whole-batch presence: every row holds the given modalities, and there is at least one
+            return np.tile([name in given for name in self.modality_names], (batch, 1))
         unknown = sorted(set(present) - set(self.modality_names))
         if unknown:
             raise InputError(f"present names unknown modality {', '.join(map(repr, unknown))}")
