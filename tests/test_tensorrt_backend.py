@@ -15,18 +15,10 @@ from ume_edge.backends import tensorrt as tensorrt_backend
 from ume_edge.backends.tensorrt import (BuildConfig, TensorRTEngine, build_engine, builder_settings,
                                         check_plan_compatible, profile_shapes, trtexec_command)
 from ume_edge.errors import BackendUnavailable, BuildError, EngineMismatch, InputError
-from trt_fakes import WEIGHTS, FakeCuda, FakeTensorRT  # tests/trt_fakes.py; pytest puts tests/ on sys.path
+from trt_fakes import FakeCuda, FakeTensorRT, WEIGHTS, needs_tensorrt_and_gpu  # tests/trt_fakes.py; pytest puts tests/ on sys.path
 
 GIB = 1 << 30
 TENSORRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
-
-
-def needs_tensorrt_and_gpu(test):
-    for mark in (pytest.mark.tensorrt, pytest.mark.gpu,
-                 pytest.mark.skipif(not tensorrt_backend.is_available(),
-                                    reason="TensorRT and a CUDA GPU are required; none on this machine")):
-        test = mark(test)
-    return test
 
 
 # ---------------------------------------------------------------- availability

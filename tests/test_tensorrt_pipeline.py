@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trt_fakes import FakePlan, install  # tests/trt_fakes.py; pytest puts tests/ on sys.path
+from trt_fakes import FakePlan, install, needs_tensorrt_and_gpu  # tests/trt_fakes.py; pytest puts tests/ on sys.path
 from ume_edge.backends import tensorrt as tensorrt_backend
 from ume_edge.backends.tensorrt import BuildConfig, DevicePipeline, TensorRTEngine, build_engine, present_runs
 from ume_edge.errors import EngineMismatch, InputError
@@ -27,14 +27,6 @@ WEIGHTS = {n: (RNG.standard_normal((int(np.prod(s)), C)).astype(np.float32),
                RNG.standard_normal(C).astype(np.float32)) for n, s in SHAPES.items()}
 CONSTANTS = RNG.standard_normal((len(ORDER), C)).astype(np.float32)
 PATTERNS = [p for p in itertools.product([False, True], repeat=len(ORDER)) if any(p)]
-
-
-def needs_tensorrt_and_gpu(test):
-    for mark in (pytest.mark.tensorrt, pytest.mark.gpu,
-                 pytest.mark.skipif(not tensorrt_backend.is_available(),
-                                    reason="TensorRT and a CUDA GPU are required; none on this machine")):
-        test = mark(test)
-    return test
 
 
 def params_for(mode: str, order=ORDER, constants=CONSTANTS) -> FusionParams:

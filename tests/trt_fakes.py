@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import pytest
 
 
 class FakeStream:
@@ -373,3 +374,14 @@ def install(monkeypatch, module, plans: dict[bytes, FakePlan] | None = None) -> 
     monkeypatch.setattr(module, "_cudart", lambda: cuda)
     monkeypatch.setattr(module, "_tensorrt", lambda: trt)
     return trt, cuda
+
+
+def needs_tensorrt_and_gpu(test):
+    """Mark a test that needs real TensorRT and a CUDA GPU; it skips, saying so, where they are missing."""
+    from ume_edge.backends import tensorrt as tensorrt_backend
+
+    for mark in (pytest.mark.tensorrt, pytest.mark.gpu,
+                 pytest.mark.skipif(not tensorrt_backend.is_available(),
+                                    reason="TensorRT and a CUDA GPU are required; none on this machine")):
+        test = mark(test)
+    return test
