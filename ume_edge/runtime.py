@@ -173,7 +173,9 @@ class Pipeline:
 
     def _presence(self, given: dict[str, np.ndarray], present: dict, batch: int) -> np.ndarray:
         if not present:  # whole-batch presence: every row holds the given modalities, and there is at least one
-            return np.tile([name in given for name in self.modality_names], (batch, 1))
+            mask = np.empty((batch, len(self.modalities)), bool)
+            mask[:] = [name in given for name in self.modality_names]
+            return mask
         unknown = sorted(set(present) - set(self.modality_names))
         if unknown:
             raise InputError(f"present names unknown modality {', '.join(map(repr, unknown))}")
