@@ -237,3 +237,14 @@ def test_start_fails_with_the_server_log_for_a_broken_repository(tmp_path):
     assert "this model cannot load" in str(raised.value)
     assert server.process.poll() is not None
     server.log_path.unlink(missing_ok=True)
+
+
+def test_cli_defaults_to_the_reference_build(tmp_path, int8_engines):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ume_edge.triton_repo", "--out", str(tmp_path / "repo")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["fusion", "ume", "ume_audio", "ume_image"]
+    assert "tritonserver --model-repository=" in result.stderr

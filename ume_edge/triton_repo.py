@@ -301,8 +301,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "absent modalities) for an engine directory. Serve it with an NGC tritonserver, or with the "
                     "nvidia-pytriton wheel's tritonserver (python backend only) using --encoder-backend python.",
     )
-    parser.add_argument("--engines", required=True, help="engine directory written by python -m ume_edge.build")
-    parser.add_argument("--out", required=True, help="model repository to write into (e.g. triton_models/)")
+    parser.add_argument("--engines", help="engine directory written by python -m ume_edge.build (default: the "
+                                         "reference INT8 build, built first if missing)")
+    parser.add_argument("--out", default="triton_models", help="model repository to write into (default: triton_models/)")
     parser.add_argument("--encoder-backend", choices=ENCODER_BACKENDS, default="auto",
                         help="how encoders and fusion run: auto = tensorrt for TensorRT engine directories, else "
                              "onnxruntime; python = Python-backend models running ONNX Runtime (default: auto)")
@@ -319,6 +320,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.engines is None:
+        from ume_edge.build import ensure_default_engines
+
+        args.engines = ensure_default_engines()
     try:
         written = write_repository(args.engines, args.out, encoder_backend=args.encoder_backend, entry=args.entry,
                                    instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
