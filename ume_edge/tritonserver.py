@@ -15,6 +15,7 @@ Nothing here imports pytriton itself; the wheel is located with ``importlib.util
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import filecmp
@@ -148,7 +149,7 @@ class TritonServerError(BackendUnavailable):
     """A server did not start, or did not become ready; the message carries the end of its log."""
 
 
-class ServerProcess:
+class ServerProcess(abc.ABC):
     """A child process serving Triton's HTTP/gRPC/metrics endpoints: start, wait until ready, log, stop.
 
     Subclasses give ``command()``, ``environment()`` and, optionally, ``ready_paths()``.
@@ -176,8 +177,9 @@ class ServerProcess:
     def metrics_url(self) -> str:
         return f"http://localhost:{self.metrics_port}/metrics"
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The command line that starts the server."""
 
     def environment(self) -> dict[str, str]:
         return dict(os.environ)
