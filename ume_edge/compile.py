@@ -36,14 +36,13 @@ def _entry(staging: Path, path: Path, **extra) -> dict:
     return {"file": str(path.relative_to(staging)), "sha256": file_sha256(path), **extra}
 
 
-def write_fusion(staging: Path, params: FusionParams) -> Path:
-    path = staging / "fusion.onnx"
+def write_fusion(path: Path, params: FusionParams) -> Path:
     onnx.save(fusion_graph(params), str(path))
     return path
 
 
 def compile_onnxruntime(staging: Path, chosen: dict, params: FusionParams) -> tuple[dict, None]:
-    entries = {"fusion": _entry(staging, write_fusion(staging, params))}
+    entries = {"fusion": _entry(staging, write_fusion(staging / "fusion.onnx", params))}
     for name, candidate in chosen.items():
         target = staging / f"{name}.onnx"
         shutil.copyfile(candidate.file, target)
@@ -56,9 +55,7 @@ def compile_tensorrt(staging: Path, chosen: dict, params: FusionParams, shapes: 
     """Write the TensorRT-ready files and, unless export-only, build the plans. Returns entries and the device."""
     folder = staging / "tensorrt"
     folder.mkdir()
-    fusion_onnx = write_fusion(staging, params)
-    shutil.move(fusion_onnx, folder / "fusion.onnx")
-    jobs = {"fusion": (folder / "fusion.onnx", {"partial_logits": (len(params.modality_order), params.num_classes),
+    jobs = {"fusion": (write_fusion(folder / "fusion.onnx", params), {"partial_logits": (len(params.modality_order), params.num_classes),
                                                 "present": (len(params.modality_order),)},
                        tensorrt_config(options, "fp32", for_fusion=True))}
     for name, candidate in chosen.items():
