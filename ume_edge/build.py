@@ -11,7 +11,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from ume_edge import __version__
 from ume_edge.backends import get_backend, open_engine
 from ume_edge.compile import compile_onnxruntime, compile_tensorrt, tensorrt_config
+from ume_edge.engine_dir import check_replaceable, discard, make_staging, publish
 from ume_edge.data import load, load_npz, pattern_key, presence_patterns
 from ume_edge.errors import BackendUnavailable, BuildError, UmeEdgeError
 from ume_edge.fusion import FusionParams, fuse
@@ -336,18 +336,6 @@ def _tensorrt_settings(options: BuildOptions) -> dict:
             "hardware_compatible": options.hardware_compatible, "version_compatible": options.version_compatible}
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Swap the finished directory into place; an old build at ``out`` is replaced only now."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- orchestration
 
 def build(options: BuildOptions) -> Path:
@@ -375,17 +363,17 @@ def build(options: BuildOptions) -> Path:
     eval_inputs = _check_data(model, eval_raw, "evaluation", eval_spec)
     out = Path(options.out) if options.out else default_out(model.name, options.precision, backend)
     _note(f"{model.name}: {', '.join(model.modality_names)} ({model.fusion}), backend {backend}, -> {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_replaceable(out)
+    staging = make_staging(out)
     try:
         manifest = _run_stages(model, options, backend, calib, calib_spec, eval_inputs, eval_labels, eval_spec,
                                staging)
         _stage(6, f"writing {out}")
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(staging / "work")
-        _publish(staging, out)
+        publish(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise
     print(format_summary(manifest, out, time.perf_counter() - started))
     return out
