@@ -28,6 +28,13 @@ def pipelines(engine_dirs):
 
 
 @pytest.fixture(scope="session")
+def encoders(pipelines):
+    """Each modality's engine on its own, per precision."""
+    return {precision: {name: pipeline.open_encoder(name) for name in pipeline.modality_names}
+            for precision, pipeline in pipelines.items()}
+
+
+@pytest.fixture(scope="session")
 def torch_model():
     import torch
 

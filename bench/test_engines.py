@@ -8,8 +8,8 @@ from cases import BATCHES, record
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 @pytest.mark.parametrize("modality", ["audio", "image"])
-def test_onnxruntime_engine(benchmark, pipelines, test_inputs, modality, precision, batch):
-    engine = pipelines[precision].engines[modality]
+def test_onnxruntime_engine(benchmark, encoders, test_inputs, modality, precision, batch):
+    engine = encoders[precision][modality]
     feeds = {modality: test_inputs[modality][:batch].copy()}
     record(benchmark, "engine", modality, "onnxruntime", precision, batch)
     benchmark(engine.infer, feeds)

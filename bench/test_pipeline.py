@@ -9,23 +9,21 @@ from ume_edge.data import pattern_key
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 @pytest.mark.parametrize("pattern", PATTERNS, ids=pattern_key)
-def test_onnxruntime_pipeline(benchmark, pipelines, engine_dirs, test_inputs, pattern, precision, batch):
+def test_onnxruntime_pipeline(benchmark, pipelines, test_inputs, pattern, precision, batch):
     pipeline = pipelines[precision]
     inputs = batch_of(test_inputs, batch, pattern)
-    accuracy = pipeline.manifest["accuracy"]["patterns"][pattern_key(pattern)]["engines"]
+    accuracy = pipeline.manifest.accuracy["patterns"][pattern_key(pattern)]["engines"]
     record(benchmark, "pipeline", pattern_key(pattern), "onnxruntime", precision, batch, accuracy=accuracy)
     benchmark(pipeline.infer, inputs)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("pattern", PATTERNS, ids=pattern_key)
-def test_pytorch_eager_pipeline(benchmark, torch_model, engine_dirs, test_inputs, pattern, batch):
+def test_pytorch_eager_pipeline(benchmark, torch_model, pipelines, test_inputs, pattern, batch):
     import torch
 
-    from ume_edge.runtime import read_manifest
-
     inputs = {n: (torch.from_numpy(x) if x is not None else None) for n, x in batch_of(test_inputs, batch, pattern).items()}
-    accuracy = read_manifest(engine_dirs["fp32"])["accuracy"]["patterns"][pattern_key(pattern)]["fp32_torch"]
+    accuracy = pipelines["fp32"].manifest.accuracy["patterns"][pattern_key(pattern)]["fp32_torch"]
 
     def run():
         with torch.no_grad():

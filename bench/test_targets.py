@@ -45,10 +45,10 @@ def test_batch1_latency_against_pytorch(benchmark, pipelines, torch_model, test_
 
 @pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize("present", ["audio", "image"])
-def test_absent_modality_costs_nothing(benchmark, pipelines, test_inputs, present, batch):
+def test_absent_modality_costs_nothing(benchmark, pipelines, encoders, test_inputs, present, batch):
     pipeline = pipelines["int8"]
     full_inputs, partial_inputs = batch_of(test_inputs, batch), batch_of(test_inputs, batch, (present,))
-    engines = {n: (lambda n=n: pipeline.engines[n].infer({n: full_inputs[n]})) for n in ("audio", "image")}
+    engines = {n: (lambda n=n: encoders["int8"][n].infer({n: full_inputs[n]})) for n in ("audio", "image")}
     full, partial, audio, image = interleaved_medians(lambda: pipeline.infer(full_inputs),
                                                       lambda: pipeline.infer(partial_inputs),
                                                       engines["audio"], engines["image"])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from cases import batch_of, interleaved_medians, record
-from ume_edge.backends.tensorrt import is_available
+from ume_edge.backends import tensorrt
 
-pytestmark = [pytest.mark.skipif(not is_available(), reason="TensorRT and a CUDA GPU are required; none here"),
+pytestmark = [pytest.mark.skipif(not tensorrt.BACKEND.is_available(), reason="TensorRT and a CUDA GPU are required; none here"),
               pytest.mark.tensorrt, pytest.mark.gpu]
 MAX_BATCH = 2048
 BATCHES = (1, 8, 64, MAX_BATCH)
@@ -37,7 +37,8 @@ def _inputs(test_inputs, batch, pattern=("audio", "image")):
 def test_tensorrt_engine(benchmark, plans, test_inputs, modality, batch):
     feeds = {modality: _inputs(test_inputs, batch)[modality]}
     record(benchmark, "engine", modality, "tensorrt", "int8", batch)
-    benchmark(plans.engines[modality].infer, feeds)
+    with plans.open_encoder(modality) as engine:
+        benchmark(engine.infer, feeds)
 
 
 @pytest.mark.parametrize("batch", BATCHES)

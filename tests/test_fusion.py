@@ -1,9 +1,13 @@
+import dataclasses
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
 from ume_edge.data import presence_patterns
+from ume_edge.engine_dir import FusionRecord
 from ume_edge.errors import InputError
 from ume_edge.fusion import FusionParams, fuse, fusion_graph, softmax
 from ume_edge.model import ConvEncoder, Modality, UMEModel
@@ -70,6 +74,8 @@ def test_reference_refuses_a_row_with_nothing_present():
 
 def test_params_round_trip_through_the_manifest():
     params = FusionParams.from_model(_model("mma"))
-    again = FusionParams.from_manifest(params.to_manifest(), params.num_classes)
+    record = FusionRecord(params.mode, params.modality_order, params.constants_as_lists(), None, None)
+    again = FusionParams.from_record(FusionRecord(**json.loads(json.dumps(dataclasses.asdict(record)))),
+                                     params.num_classes)
     assert again.mode == "mma" and again.modality_order == ["a", "b", "c"]
     np.testing.assert_allclose(again.constants, params.constants, atol=1e-6)

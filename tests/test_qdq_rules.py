@@ -11,7 +11,7 @@ from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from ume_edge.errors import BuildError
-from ume_edge.qdq_rules import assert_tensorrt_qdq, check_tensorrt_qdq, count_qdq
+from ume_edge.build.qdq_rules import assert_tensorrt_qdq, check_tensorrt_qdq, count_qdq
 
 INPUT_SHAPE = (1, 8, 8)
 TENSORRT_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,

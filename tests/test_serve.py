@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
 from ume_edge.client import grpc_inputs
 from ume_edge.data import presence_patterns
 from ume_edge.errors import InputError
@@ -130,7 +131,7 @@ def test_encoder_models_answer_partial_logits(client, pipeline, samples):
     for spec in pipeline.modalities:
         x = samples[spec.name][:5]
         result = _infer(client, {spec.name: x}, model=f"ume_{spec.name}")
-        expected = pipeline.engines[spec.name].infer({spec.name: x})["partial_logits"]
+        expected = pipeline.open_encoder(spec.name).infer({spec.name: x})["partial_logits"]
         np.testing.assert_allclose(result.as_numpy("partial_logits"), expected, atol=ATOL)
 
 
@@ -177,7 +178,7 @@ def test_concurrent_requests_are_batched(server, pipeline, samples):
     assert executions < len(jobs) / 2, f"{executions:.0f} executions for {len(jobs)} requests"
 
 
-def test_mixed_patterns_are_answered_by_one_pipeline_call(pipeline, samples):
+def test_mixed_patterns_are_answered_by_one_pipeline_call(pipeline, samples, monkeypatch):
     """The batch-answering code shared by both runtimes: one Pipeline.infer with per-row masks, an absent
     modality's rows never reach its engine, and a bad request is refused alone."""
     nan = samples["image"][:1].copy()
@@ -186,24 +187,22 @@ def test_mixed_patterns_are_answered_by_one_pipeline_call(pipeline, samples):
                 {"audio": samples["audio"][3:6], "image": samples["image"][3:6]}, {"image": nan}, {},
                 {"video": samples["image"][:1]}]
     calls = {"infer": 0, "audio_rows": 0}
-    original_infer, audio = pipeline.infer, pipeline.engines["audio"]
-    original_audio = audio.infer
+    original_infer, original_engine_infer = pipeline.infer, OnnxRuntimeEngine.infer
 
     def counting_infer(*args, **kwargs):
         calls["infer"] += 1
         return original_infer(*args, **kwargs)
 
-    def counting_audio(feeds):
-        calls["audio_rows"] += len(feeds["audio"])
-        return original_audio(feeds)
+    def counting_engine(engine, feeds):
+        calls["audio_rows"] += len(feeds.get("audio", ()))
+        return original_engine_infer(engine, feeds)
 
-    pipeline.infer, audio.infer = counting_infer, counting_audio
-    try:
-        answers = answer_requests(pipeline, requests[:3])
-        assert calls == {"infer": 1, "audio_rows": 5}  # rows of the image-only request never reached the audio engine
-        answers += answer_requests(pipeline, requests[3:])
-    finally:
-        pipeline.infer, audio.infer = original_infer, original_audio
+    monkeypatch.setattr(pipeline, "infer", counting_infer)
+    monkeypatch.setattr(OnnxRuntimeEngine, "infer", counting_engine)
+    answers = answer_requests(pipeline, requests[:3])
+    assert calls == {"infer": 1, "audio_rows": 5}  # rows of the image-only request never reached the audio engine
+    answers += answer_requests(pipeline, requests[3:])
+    monkeypatch.undo()
     for arrays, answer in zip(requests[:3], answers[:3]):
         expected = _reference(pipeline, arrays)
         np.testing.assert_allclose(answer["logits"], expected.logits, atol=ATOL)

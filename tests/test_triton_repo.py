@@ -1,14 +1,14 @@
 """``python -m ume_edge.triton_repo``: the generated model repository, and the real tritonserver serving it."""
 
 import json
-import shutil
 import threading
 
 import numpy as np
 import pytest
 
-from ume_edge import triton_repo
+from ume_edge import engine_dir, triton_repo
 from ume_edge.client import grpc_inputs
+from ume_edge.serving import repository
 from ume_edge.data import presence_patterns
 from ume_edge.runtime import Pipeline
 from ume_edge.tritonserver import TritonServer, free_ports
@@ -27,7 +27,7 @@ def _configs(repository):
 
 
 def _manifest(engines):
-    return json.loads((engines / "manifest.json").read_text())
+    return engine_dir.load(engines)
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +36,18 @@ def pipeline(int8_engines):
 
 
 def _assert_common_config(configs, manifest, instances=1):
-    names = [m["name"] for m in manifest["modalities"]]
+    names = manifest.modality_names
     assert set(configs) == {"ume", "fusion", *[f"ume_{name}" for name in names]}
     for name, config in configs.items():
         assert config.name == name
-        assert config.max_batch_size == manifest["max_batch"]
+        assert config.max_batch_size == manifest.max_batch
         assert config.HasField("dynamic_batching"), name
         assert [group.count for group in config.instance_group] == [instances], name
     entry = configs["ume"]
     assert entry.backend == "python"
     assert [tensor.name for tensor in entry.input] == names
     assert all(tensor.optional for tensor in entry.input)
-    assert [list(tensor.dims) for tensor in entry.input] == [m["shape"] for m in manifest["modalities"]]
+    assert [list(tensor.dims) for tensor in entry.input] == [m.shape for m in manifest.modalities]
     assert {tensor.name for tensor in entry.output} == {"logits", "probs", "label"}
     parameters = {key: value.string_value for key, value in entry.parameters.items()}
     assert json.loads(parameters["encoder_models"]) == {name: f"ume_{name}" for name in names}
@@ -58,45 +58,23 @@ def test_onnxruntime_repository_layout(int8_engines, tmp_path):
     """``--encoder-backend onnxruntime`` (the default for ONNX engine directories): ``onnxruntime_onnx`` models with the
     engine files copied as ``1/model.onnx``. The tritonserver in the nvidia-pytriton wheel has only the python
     backend, so this layout cannot be served here; an NGC Triton container serves it as written."""
-    written = triton_repo.write_repository(int8_engines, tmp_path, max_queue_delay_us=250, instances=2)
+    written = repository.write_repository(int8_engines, tmp_path, max_queue_delay_us=250, instances=2)
     assert {path.name for path in written} == set(_configs(tmp_path))
     manifest = _manifest(int8_engines)
     configs = _configs(tmp_path)
     _assert_common_config(configs, manifest, instances=2)
-    for modality in manifest["modalities"]:
-        config = configs[f"ume_{modality['name']}"]
+    for modality in manifest.modalities:
+        config = configs[f"ume_{modality.name}"]
         assert config.platform == "onnxruntime_onnx"
         assert config.dynamic_batching.max_queue_delay_microseconds == 250
-        assert [tensor.name for tensor in config.input] == [modality["name"]]
+        assert [tensor.name for tensor in config.input] == [modality.name]
         assert not config.input[0].optional
         copied = tmp_path / config.name / "1" / "model.onnx"
-        assert copied.read_bytes() == (int8_engines / modality["file"]).read_bytes()
+        assert copied.read_bytes() == (int8_engines / modality.engine.path).read_bytes()
     assert configs["fusion"].platform == "onnxruntime_onnx"
-    modalities, classes = len(manifest["modalities"]), manifest["model"]["num_classes"]
+    modalities, classes = len(manifest.modalities), manifest.model.num_classes
     assert [list(t.dims) for t in configs["fusion"].input] == [[modalities, classes], [modalities]]
-    assert (tmp_path / "ume" / "1" / "model.py").read_text() == (triton_repo.template_dir() / "ume_bls.py").read_text()
-
-
-def test_tensorrt_repository_layout(int8_engines, tmp_path):
-    """A TensorRT engine directory becomes ``tensorrt_plan`` encoders on GPU instances; the fusion stays on ONNX
-    Runtime. (The plan files here are placeholders: only the layout is checked.)"""
-    engines = tmp_path / "engines"
-    shutil.copytree(int8_engines, engines)
-    manifest = _manifest(engines)
-    manifest["backend"] = "tensorrt"
-    for modality in manifest["modalities"]:
-        modality["file"] = f"{modality['name']}.plan"
-        (engines / modality["file"]).write_bytes(b"placeholder plan")
-    (engines / "manifest.json").write_text(json.dumps(manifest))
-    triton_repo.write_repository(engines, tmp_path / "repo")
-    configs = _configs(tmp_path / "repo")
-    _assert_common_config(configs, manifest)
-    for modality in manifest["modalities"]:
-        config = configs[f"ume_{modality['name']}"]
-        assert config.platform == "tensorrt_plan"
-        assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
-        assert (tmp_path / "repo" / config.name / "1" / "model.plan").is_file()
-    assert configs["fusion"].platform == "onnxruntime_onnx"
+    assert (tmp_path / "ume" / "1" / "model.py").read_text() == (repository.template_dir() / "ume_bls.py").read_text()
 
 
 def test_rewriting_keeps_other_files_and_reports_problems(int8_engines, tmp_path, capsys):
@@ -108,10 +86,14 @@ def test_rewriting_keeps_other_files_and_reports_problems(int8_engines, tmp_path
     assert _configs(tmp_path)["ume_image"].backend == "python"
     assert triton_repo.main(["--engines", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "python -m ume_edge.build" in capsys.readouterr().err
+    (tmp_path / "ume_audio" / "config.pbtxt").write_text('name: "ume_audio"\n')  # a model someone else wrote
+    assert triton_repo.main(["--engines", str(int8_engines), "--out", str(tmp_path)]) == 2
+    assert "was not written by ume-edge" in capsys.readouterr().err
+    assert (tmp_path / "ume_audio" / "config.pbtxt").read_text() == 'name: "ume_audio"\n'
 
 
 def test_python_repository_layout(int8_engines, tmp_path):
-    triton_repo.write_repository(int8_engines, tmp_path, encoder_backend="python")
+    repository.write_repository(int8_engines, tmp_path, encoder_backend="python")
     configs = _configs(tmp_path)
     _assert_common_config(configs, _manifest(int8_engines))
     for name, config in configs.items():
@@ -124,17 +106,16 @@ def test_python_repository_layout(int8_engines, tmp_path):
 def test_pipeline_entry_layout(int8_engines, tmp_path):
     """``--entry pipeline``: ``ume`` runs the whole Pipeline in Triton's Python stub on a copy of the engine directory
     (``serve --runtime python-backend`` serves it; its tests check the answers)."""
-    triton_repo.write_repository(int8_engines, tmp_path, encoder_backend="python", entry="pipeline", threads=1)
+    repository.write_repository(int8_engines, tmp_path, encoder_backend="python", entry="pipeline", threads=1)
     configs = _configs(tmp_path)
     manifest = _manifest(int8_engines)
-    assert set(configs) == {"ume", *[f"ume_{m['name']}" for m in manifest["modalities"]]}
+    assert set(configs) == {"ume", *[f"ume_{name}" for name in manifest.modality_names]}
     entry = configs["ume"]
     assert entry.backend == "python" and all(tensor.optional for tensor in entry.input)
     assert entry.HasField("dynamic_batching") and entry.instance_group[0].count == 1
-    template = triton_repo.template_dir() / "ume_pipeline.py"
+    template = repository.template_dir() / "ume_pipeline.py"
     assert (tmp_path / "ume" / "1" / "model.py").read_text() == template.read_text()
-    copied = tmp_path / "ume" / "1" / "engines"
-    assert json.loads((copied / "manifest.json").read_text()) == manifest
+    assert engine_dir.load(tmp_path / "ume" / "1" / "engines") == manifest
     assert configs["ume_image"].parameters["intra_op_threads"].string_value == "1"
 
 
@@ -145,10 +126,10 @@ def test_pipeline_entry_layout(int8_engines, tmp_path):
 @pytest.fixture(scope="module")
 def standalone(int8_engines, tmp_path_factory):
     pytest.importorskip("pytriton")  # ships the tritonserver binary
-    repository = tmp_path_factory.mktemp("triton_models")
-    triton_repo.write_repository(int8_engines, repository, encoder_backend="python", max_queue_delay_us=2000)
+    folder = tmp_path_factory.mktemp("triton_models")
+    repository.write_repository(int8_engines, folder, encoder_backend="python", max_queue_delay_us=2000)
     grpc_port, http_port, metrics_port = free_ports(3)
-    with TritonServer(repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port) as server:
+    with TritonServer(folder, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port) as server:
         yield server
 
 
@@ -247,4 +228,4 @@ def test_cli_defaults_to_the_reference_build(tmp_path, int8_engines):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["fusion", "ume", "ume_audio", "ume_image"]
-    assert "tritonserver --model-repository=" in result.stderr
+    assert "python -m ume_edge.serve --repository" in result.stderr

@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ume_edge.constants import LOGITS, ONNX_OPSET, PARTIAL_LOGITS, PRESENT, PROBS
 from ume_edge.errors import InputError
 
-OPSET = 17
 
 
 @dataclass
@@ -42,14 +42,13 @@ class FusionParams:
         return cls(model.fusion, model.modality_names, model.num_classes, constants)
 
     @classmethod
-    def from_manifest(cls, fusion: dict, num_classes: int) -> "FusionParams":
-        constants = fusion.get("constants")
-        return cls(fusion["mode"], list(fusion["modality_order"]), num_classes,
-                   None if constants is None else np.asarray(constants, dtype=np.float32))
+    def from_record(cls, fusion, num_classes: int) -> "FusionParams":
+        """From an engine directory's ``FusionRecord``."""
+        constants = None if fusion.constants is None else np.asarray(fusion.constants, dtype=np.float32)
+        return cls(fusion.mode, list(fusion.modality_order), num_classes, constants)
 
-    def to_manifest(self) -> dict:
-        return {"mode": self.mode, "modality_order": self.modality_order,
-                "constants": None if self.constants is None else self.constants.astype(float).tolist()}
+    def constants_as_lists(self) -> list[list[float]] | None:
+        return None if self.constants is None else self.constants.astype(float).tolist()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -80,27 +79,27 @@ def fusion_graph(params: FusionParams) -> onnx.ModelProto:
                     numpy_helper.from_array(np.array(0.5, np.float32), "half"),
                     numpy_helper.from_array(np.array(1.0, np.float32), "one")]
     nodes = [
-        helper.make_node("Unsqueeze", ["present", "class_axis"], ["present3"]),
+        helper.make_node("Unsqueeze", [PRESENT, "class_axis"], ["present3"]),
         helper.make_node("Greater", ["present3", "half"], ["is_present"]),
-        helper.make_node("Where", ["is_present", "partial_logits", "absent_value"], ["selected"]),
+        helper.make_node("Where", ["is_present", PARTIAL_LOGITS, "absent_value"], ["selected"]),
         helper.make_node("ReduceSum", ["selected", "modality_axis"], ["total"], keepdims=0),
     ]
     if params.mode == "ume":
         nodes += [
-            helper.make_node("ReduceSum", ["present", "modality_axis"], ["count"], keepdims=1),
+            helper.make_node("ReduceSum", [PRESENT, "modality_axis"], ["count"], keepdims=1),
             helper.make_node("Max", ["count", "one"], ["divisor"]),
-            helper.make_node("Div", ["total", "divisor"], ["logits"]),
+            helper.make_node("Div", ["total", "divisor"], [LOGITS]),
         ]
     else:
-        nodes.append(helper.make_node("Identity", ["total"], ["logits"]))
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+        nodes.append(helper.make_node("Identity", ["total"], [LOGITS]))
+    nodes.append(helper.make_node("Softmax", [LOGITS], [PROBS], axis=1))
     graph = helper.make_graph(
         nodes, f"ume_fusion_{params.mode}",
-        [helper.make_tensor_value_info("partial_logits", TensorProto.FLOAT, ["batch", m, c]),
-         helper.make_tensor_value_info("present", TensorProto.FLOAT, ["batch", m])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", c]),
-         helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", c])],
+        [helper.make_tensor_value_info(PARTIAL_LOGITS, TensorProto.FLOAT, ["batch", m, c]),
+         helper.make_tensor_value_info(PRESENT, TensorProto.FLOAT, ["batch", m])],
+        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", c]),
+         helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["batch", c])],
         initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ume-edge")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="ume-edge")
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -8,17 +8,14 @@
 
 from __future__ import annotations
 
-import json
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ume_edge.backends import get_backend, open_engine
-from ume_edge.errors import BackendUnavailable, EngineMismatch, InputError
-
-SCHEMA_VERSION = 1
+from ume_edge import backends, engine_dir
+from ume_edge.backends.base import OpenOptions
+from ume_edge.errors import EngineMismatch, InputError, UmeEdgeError
 
 
 @dataclass(frozen=True)
@@ -39,103 +36,58 @@ class Prediction:
         return self.logits.argmax(axis=1)
 
 
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(directory: str | Path) -> dict:
-    directory = Path(directory)
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise EngineMismatch(f"{directory} has no manifest.json: it is not an engine directory. Build one with "
-                             f"`python -m ume_edge.build --out {directory}`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise EngineMismatch(f"{path}: schema version {manifest.get('schema_version')}, this ume-edge reads "
-                             f"{SCHEMA_VERSION}; rebuild it with this version of `python -m ume_edge.build`")
-    return manifest
-
-
-def verify_files(directory: Path, manifest: dict) -> None:
-    """Every engine file is there and matches the hash the build recorded."""
-    entries = [(m["name"], m["file"], m["sha256"]) for m in manifest["modalities"]]
-    entries.append(("fusion", manifest["fusion"]["file"], manifest["fusion"]["sha256"]))
-    for name, file, expected in entries:
-        path = directory / file
-        if not path.is_file():
-            raise EngineMismatch(f"{path} is missing ({name}); rebuild the directory with `python -m ume_edge.build`")
-        if file_sha256(path) != expected:
-            raise EngineMismatch(f"{path} ({name}) does not match the hash in its manifest: the file was changed "
-                                 "or corrupted after the build. Rebuild with `python -m ume_edge.build`")
-
-
-def check_compatible(manifest: dict) -> None:
-    """Refuse a directory built for another backend, runtime version or device."""
-    backend = manifest["backend"]
-    module = get_backend(backend)
-    if manifest.get("export_only"):
-        raise EngineMismatch(f"this directory was written with --export-only for {backend}: it holds ONNX files, not "
-                             "engines. Build on the target with `python -m ume_edge.build --backend " + backend + "`")
-    if backend == "tensorrt":
-        module.require()
-        module.check_plan_compatible(manifest["device"], module.device_info())
-        return
-    built, here = manifest["versions"]["onnxruntime"], module.get_version()
-    if here is None:
-        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime")
-    if built.split(".")[:2] != here.split(".")[:2]:
-        raise EngineMismatch(f"engines built with ONNX Runtime {built}, this machine has {here}: rebuild here with "
-                             f"`python -m ume_edge.build` or install onnxruntime=={built}")
-    if manifest["device"]["arch"] != platform.machine():
-        raise EngineMismatch(f"engines built on {manifest['device']['arch']}, this machine is {platform.machine()}: "
-                             "rebuild on this machine with `python -m ume_edge.build`")
-
-
 class Pipeline:
-    """Per-modality engines and the fusion kernel of one engine directory."""
+    """Per-modality engines and the fusion kernel of one engine directory. Close it (or use ``with``) to free them."""
 
-    def __init__(self, path: Path, manifest: dict, engines: dict, fusion, threads: int | None):
-        self.path, self.manifest, self.engines, self.fusion, self.threads = path, manifest, engines, fusion, threads
-        self.device_pipeline = None
-        self.modalities = [ModalitySpec(m["name"], tuple(m["shape"]), np.dtype(m["dtype"]))
-                           for m in manifest["modalities"]]
+    def __init__(self, path: Path, manifest: engine_dir.Manifest, executor, options: OpenOptions = OpenOptions()):
+        self.path, self.manifest, self.executor, self.options = path, manifest, executor, options
+        self.modalities = [ModalitySpec(m.name, tuple(m.shape), np.dtype(m.dtype))
+                           for m in (manifest.modality(n) for n in manifest.fusion.modality_order)]
         self.modality_names = [m.name for m in self.modalities]
-        self.max_batch = int(manifest["max_batch"])
-        self.num_classes = int(manifest["model"]["num_classes"])
-        self.class_names = manifest["model"]["class_names"]
+        self.max_batch = manifest.max_batch
+        self.num_classes = manifest.model.num_classes
+        self.class_names = manifest.model.class_names
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None) -> "Pipeline":
+    def load(cls, path: str | Path, threads: int | None = None, options: OpenOptions | None = None) -> "Pipeline":
+        """Open an engine directory after checking it (``engine_dir.load``) and that it fits this machine."""
         path = Path(path)
-        manifest = read_manifest(path)
-        check_compatible(manifest)
-        verify_files(path, manifest)
-        engines = {m["name"]: open_engine(path / m["file"], threads) for m in manifest["modalities"]}
-        pipeline = cls(path, manifest, engines, open_engine(path / manifest["fusion"]["file"], threads), threads)
-        if manifest["backend"] == "tensorrt":  # partial logits stay on the GPU between encoders and fusion
-            pipeline.device_pipeline = get_backend("tensorrt").DevicePipeline(
-                engines, pipeline.fusion, pipeline.modality_names, pipeline.num_classes)
-        return pipeline
+        options = options or OpenOptions(threads=threads)
+        manifest = engine_dir.load(path)
+        if manifest.export_only:
+            raise EngineMismatch(f"{path} was written with --export-only: it holds the files to build engines on the "
+                                 "target, not engines. There, run one of its build_plans_*.sh scripts and then "
+                                 f"`python -m ume_edge.build --adopt {path}`, or `python -m ume_edge.build --backend "
+                                 f"{manifest.backend}`")
+        backend = backends.get(manifest.backend)
+        backend.check_compatible(manifest, options)
+        return cls(path, manifest, backend.open(path, manifest, options), options)
+
+    def open_encoder(self, name: str):
+        """One modality's engine on its own, ``infer({name: x}) -> {"partial_logits": ...}`` (to serve or time an
+        encoder alone); the caller closes it."""
+        manifest = self.manifest
+        return backends.get(manifest.backend).open_engine(self.path / manifest.modality(name).engine.path,
+                                                          self.options, manifest.device)
+
+    def close(self) -> None:
+        """Free the engines; safe to call twice."""
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     def infer(self, inputs: dict[str, np.ndarray | None], present: dict[str, np.ndarray] | None = None) -> Prediction:
+        if self.executor is None:
+            raise UmeEdgeError(f"this Pipeline of {self.path} was closed; load it again")
         given, batch = self._validate(inputs)
         mask = self._presence(given, present or {}, batch)
-        if self.device_pipeline is not None:
-            return Prediction(*self.device_pipeline.run(given, mask), mask)
-        partial = np.zeros((batch, len(self.modalities), self.num_classes), np.float32)
-        for i, (spec, any_row, every_row) in enumerate(zip(self.modalities, mask.any(0), mask.all(0))):
-            if not any_row:
-                continue
-            rows = slice(None) if every_row else mask[:, i]
-            partial[rows, i] = self.engines[spec.name].infer({spec.name: given[spec.name][rows]})["partial_logits"]
-        fused = self.fusion.infer({"partial_logits": partial, "present": mask.astype(np.float32)})
-        return Prediction(fused["logits"], fused["probs"], mask)
+        return Prediction(*self.executor.infer(given, mask), mask)
 
     def _validate(self, inputs) -> tuple[dict[str, np.ndarray], int]:
         if not isinstance(inputs, dict):

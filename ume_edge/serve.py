@@ -31,7 +31,6 @@ Two runtimes, both the tritonserver that the nvidia-pytriton wheel ships:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -44,7 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from ume_edge.errors import InputError
-from ume_edge.triton_repo import ENTRY_MODEL, encoder_model_name, write_repository
+from ume_edge import engine_dir
+from ume_edge.constants import ENTRY_MODEL, PARTIAL_LOGITS, encoder_model_name
+from ume_edge.serving.repository import write_repository
 from ume_edge.tritonserver import ServerProcess, TritonServer, apply_pytriton_libpython_fix
 
 LOGGER = logging.getLogger("ume_edge.serve")
@@ -216,9 +217,8 @@ class EncoderModel:
     """PyTriton callable of ``ume_<modality>``."""
 
     def __init__(self, pipeline, name: str, per_request_errors: bool = True):
-        spec = next(m for m in pipeline.manifest["modalities"] if m["name"] == name)
-        self.engine, self.name = pipeline.engines[name], name
-        self.input_name, self.output_name = spec.get("input_name", name), spec.get("output_name", "partial_logits")
+        self.engine = pipeline.open_encoder(name)
+        self.name, self.input_name, self.output_name = name, name, PARTIAL_LOGITS
         self.per_request_errors = per_request_errors
 
     def __call__(self, requests) -> list[dict]:
@@ -369,8 +369,8 @@ class ServeProcess(ServerProcess):
         return {**os.environ, **(self.env or {})}
 
     def ready_paths(self) -> list[str]:
-        manifest = json.loads((self.engines / "manifest.json").read_text())
-        models = [ENTRY_MODEL] + [encoder_model_name(m["name"]) for m in manifest["modalities"]]
+        manifest = engine_dir.read_manifest(self.engines)
+        models = [ENTRY_MODEL] + [encoder_model_name(name) for name in manifest.modality_names]
         return [f"/v2/models/{name}/ready" for name in models]
 
     def is_ready(self) -> bool:

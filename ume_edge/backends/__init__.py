@@ -1,26 +1,30 @@
-"""Runtimes that execute per-modality engines. Each module has the same face:
+"""The runtimes that execute engine directories, behind one face (``base.Backend``), found by name here.
 
-``is_available() -> bool``, ``get_version() -> str | None``, ``device_info() -> dict``, and an engine class
-constructed from a file with ``input_names``, ``output_names`` and ``infer(feeds: dict) -> dict``.
-Optional frameworks are imported inside functions, so importing this package never fails.
+Optional frameworks (tensorrt, cuda-python) are imported inside methods, so importing this package never fails.
 """
 
+from __future__ import annotations
+
+from functools import cache
 from importlib import import_module
 
-BACKENDS = ("onnxruntime", "tensorrt")
+from ume_edge.backends.base import Backend
+
+# name -> module holding ``BACKEND``; in order of preference for ``auto``
+_MODULES = {"tensorrt": "ume_edge.backends.tensorrt", "onnxruntime": "ume_edge.backends.onnxruntime"}
+NAMES = tuple(_MODULES)
 
 
-def get_backend(name: str):
-    """The backend module called ``name`` (``onnxruntime`` or ``tensorrt``)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return import_module(f"ume_edge.backends.{name}")
+@cache
+def get(name: str) -> Backend:
+    """The backend called ``name``; ``ValueError`` naming the known ones otherwise."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; ume-edge knows {', '.join(NAMES)}")
+    return import_module(_MODULES[name]).BACKEND
 
 
-def open_engine(path, threads: int | None = None):
-    """An engine for one file: ``.plan`` -> TensorRT, ``.onnx`` -> ONNX Runtime on the CPU."""
-    from pathlib import Path
-
-    if Path(path).suffix == ".plan":
-        return get_backend("tensorrt").TensorRTEngine(path)
-    return get_backend("onnxruntime").OnnxRuntimeEngine(path, threads)
+def resolve(name: str) -> Backend:
+    """``auto``: the first backend available here (TensorRT where it is usable, else ONNX Runtime)."""
+    if name != "auto":
+        return get(name)
+    return next((backend for backend in map(get, NAMES) if backend.is_available()), get(NAMES[-1]))

@@ -1,23 +1,19 @@
-"""ONNX Runtime on the CPU: the engine class and what a manifest records about this runtime."""
+"""ONNX Runtime on the CPU: ONNX files run as they are (U8S8 Q/DQ for INT8, fp32 otherwise)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ume_edge.backends.base import Backend, CompiledFiles, CompileJob, HostExecutor, OpenOptions, TritonModel
+from ume_edge.errors import BackendUnavailable, EngineMismatch
+
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
               "amx_int8", "asimd", "asimddp", "i8mm")
-
-
-def is_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def get_version() -> str | None:
@@ -79,3 +75,54 @@ class OnnxRuntimeEngine:
         batch = len(next(iter(feeds.values())))
         session = self.small_batch_session if batch <= SMALL_BATCH else self.session
         return dict(zip(self.output_names, session.run(self.output_names, feeds)))
+
+    def close(self) -> None:
+        """Sessions free their memory when dropped; nothing else is held."""
+        self.session = self.small_batch_session = None
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    precisions = ("fp32", "int8")  # no fast fp16 kernels on a CPU
+    int8_format = "U8S8"
+    fallback_precision = "fp32"
+
+    def unavailable_reason(self) -> str | None:
+        return None if get_version() else "onnxruntime is not installed: pip install onnxruntime"
+
+    def version(self) -> str | None:
+        return get_version()
+
+    def device(self) -> dict:
+        return device_info()
+
+    def compile(self, job: CompileJob) -> CompiledFiles:
+        engines = {"fusion": shutil.copyfile(job.fusion_onnx, job.staging / "fusion.onnx")}
+        for name, candidate in job.chosen.items():
+            engines[name] = shutil.copyfile(candidate.file, job.staging / f"{name}.onnx")
+        return CompiledFiles(engines={k: Path(v) for k, v in engines.items()}, device=self.device())
+
+    def check_compatible(self, manifest, options: OpenOptions = OpenOptions()) -> None:
+        built, here = manifest.versions.get("onnxruntime"), get_version()
+        if here is None:
+            raise BackendUnavailable(self.unavailable_reason())
+        if str(built).split(".")[:2] != here.split(".")[:2]:
+            raise EngineMismatch(f"engines built with ONNX Runtime {built}, this machine has {here}: rebuild here "
+                                 f"with `python -m ume_edge.build` or install onnxruntime=={built}")
+        if manifest.device.get("arch") != platform.machine():
+            raise EngineMismatch(f"engines built on {manifest.device.get('arch')}, this machine is "
+                                 f"{platform.machine()}: rebuild on this machine with `python -m ume_edge.build`")
+
+    def open_engine(self, path: Path, options: OpenOptions, device: dict | None = None) -> OnnxRuntimeEngine:
+        return OnnxRuntimeEngine(path, options.threads)
+
+    def open(self, directory: Path, manifest, options: OpenOptions) -> HostExecutor:
+        engines = {m.name: self.open_engine(directory / m.engine.path, options) for m in manifest.modalities}
+        fusion = self.open_engine(directory / manifest.fusion.engine.path, options)
+        return HostExecutor(engines, fusion, manifest.fusion.modality_order, manifest.model.num_classes)
+
+    def triton_model(self, manifest, modality: str | None) -> TritonModel:
+        return TritonModel(platform="onnxruntime_onnx", file_name="model.onnx", instance_kind="KIND_CPU")
+
+
+BACKEND = OnnxRuntimeBackend()

@@ -10,11 +10,10 @@ import onnx
 import torch
 from torch import nn
 
+from ume_edge.constants import ONNX_OPSET, PARTIAL_LOGITS
 from ume_edge.errors import BuildError
 from ume_edge.model import UMEModel
 
-OPSET = 17
-OUTPUT_NAME = "partial_logits"
 MAX_RELATIVE_DIFF = 1e-3
 
 
@@ -37,8 +36,8 @@ def export_modality(model: UMEModel, name: str, path: Path, samples: np.ndarray)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(path), input_names=[name], output_names=[OUTPUT_NAME],
-                              dynamic_axes={name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
+            torch.onnx.export(module, (example,), str(path), input_names=[name], output_names=[PARTIAL_LOGITS],
+                              dynamic_axes={name: {0: "batch"}, PARTIAL_LOGITS: {0: "batch"}}, opset_version=ONNX_OPSET,
                               dynamo=False, do_constant_folding=True)
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as error:  # the exporter raises many types; the user needs the modality and the cause
@@ -67,7 +66,7 @@ def compare_with_torch(module: nn.Module, path: Path, name: str, samples: np.nda
     engine = OnnxRuntimeEngine(path)
     with torch.no_grad():
         expected = module(torch.from_numpy(np.ascontiguousarray(samples))).numpy()
-    got = engine.infer({name: samples})[OUTPUT_NAME]
+    got = engine.infer({name: samples})[PARTIAL_LOGITS]
     return float(np.max(np.abs(got - expected))), float(np.max(np.abs(expected)))
 
 

@@ -39,14 +39,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.modalities = json.loads(parameters["modality_order"])
-        self.input_names = json.loads(parameters["input_names"])
         self.encoder_models = json.loads(parameters["encoder_models"])
-        self.encoder_outputs = json.loads(parameters["encoder_outputs"])
+        self.encoder_output = parameters["encoder_output"]
+        self.fixed_batch = json.loads(parameters.get("encoder_fixed_batch", "{}"))
         self.fusion_model = parameters["fusion_model"]
         self.max_batch = int(config["max_batch_size"])
         self.num_classes = int(pb_utils.get_output_config_by_name(config, "logits")["dims"][0])
         self.dtypes = {name: pb_utils.triton_string_to_numpy(pb_utils.get_input_config_by_name(
-            config, self.input_names[name])["data_type"]) for name in self.modalities}
+            config, name)["data_type"]) for name in self.modalities}
         self.memory = _cpu_outputs()
 
     async def execute(self, requests):
@@ -76,7 +76,7 @@ class TritonPythonModel:
         """{modality: array} for the present modalities of one request, or BadRequest naming the problem."""
         present = {}
         for name in self.modalities:
-            tensor = pb_utils.get_input_tensor_by_name(request, self.input_names[name])
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 present[name] = self._check(name, tensor.as_numpy())
         if not present:
@@ -124,9 +124,13 @@ class TritonPythonModel:
                 for a, b in zip(offsets[:-1], offsets[1:])]
 
     async def _encode(self, name, stacked):
-        output = self.encoder_outputs[name]
-        result = await self._call(self.encoder_models[name], {self.input_names[name]: stacked}, [output])
-        return result[output]
+        """The encoder's partial logits for ``stacked``; an encoder that runs one fixed batch only (a DLA plan) gets
+        the rows padded with zeros to it, and only the real rows are kept."""
+        rows, fixed = len(stacked), self.fixed_batch.get(name)
+        if fixed is not None and rows < fixed:
+            stacked = np.concatenate([stacked, np.zeros((fixed - rows, *stacked.shape[1:]), stacked.dtype)])
+        result = await self._call(self.encoder_models[name], {name: stacked}, [self.encoder_output])
+        return result[self.encoder_output][:rows]
 
     async def _call(self, model_name, inputs, output_names):
         request = pb_utils.InferenceRequest(

@@ -1,0 +1,3 @@
+from ume_edge.build.cli import main
+
+main()

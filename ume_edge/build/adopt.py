@@ -1,0 +1,45 @@
+"""``python -m ume_edge.build --adopt DIR``: an export-only directory whose engines were built on the target (by its
+``build_plans_*.sh`` script) becomes an engine directory that ``Pipeline.load`` accepts. Each engine is loaded with
+the local runtime, checked against the manifest, and recorded with its hash and the device it runs on."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from ume_edge import backends, engine_dir
+from ume_edge.build.progress import note
+from ume_edge.errors import BackendUnavailable, BuildError
+
+
+def adopt(directory: Path) -> Path:
+    manifest = engine_dir.load(directory)
+    if not manifest.export_only:
+        raise BuildError(f"{directory} already holds engines (it was not written with --export-only); nothing to adopt")
+    backend = backends.get(manifest.backend)
+    if reason := backend.unavailable_reason():
+        raise BackendUnavailable(reason)
+    missing = [name for name in manifest.made_on_target if not (directory / name).is_file()]
+    if missing:
+        raise BuildError(f"{directory} lacks {', '.join(missing)}: run {' or '.join(manifest.scripts)} there first "
+                         "(on the target, with TensorRT's trtexec on PATH)")
+    staging = engine_dir.make_staging(directory)
+    try:
+        shutil.copytree(directory, staging, dirs_exist_ok=True)
+        engines, device = backend.adopt_engines(staging, manifest)
+        for record in manifest.modalities:
+            record.engine = engine_dir.record_file(staging, engines[record.name])
+            note(f"{record.name}: adopted {record.engine.path}")
+        manifest.fusion.engine = engine_dir.record_file(staging, engines["fusion"])
+        manifest.export_only, manifest.made_on_target = False, []
+        manifest.device = device
+        manifest.versions[backend.name] = backend.version()
+        manifest.accuracy["engines_run_by"] += f"; engines built on the target and adopted {time.strftime('%Y-%m-%d')}"
+        engine_dir.save(staging, manifest)
+        engine_dir.load(staging)
+        engine_dir.publish(staging, directory)
+    except BaseException:
+        engine_dir.discard(staging)
+        raise
+    return directory

@@ -1,0 +1,90 @@
+"""``python -m ume_edge.build``: the command line of the build (and of ``--adopt``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ume_edge import backends, engine_dir
+from ume_edge.build.inputs import DEFAULT_CALIB
+from ume_edge.build.quantize import CALIB_METHODS
+from ume_edge.build.stages import BuildOptions, build, format_summary
+from ume_edge.cli_common import DefaultsFormatter, show_progress
+from ume_edge.constants import (DEFAULT_CALIB_METHOD, DEFAULT_MAX_BATCH, DEFAULT_MAX_DROP, DEFAULT_PRECISION,
+                                PRECISIONS, PROJECT_ROOT)
+from ume_edge.errors import UmeEdgeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ume_edge.build", formatter_class=DefaultsFormatter,
+        description="Turn a trained UME-MMA model into per-modality engines, a fusion kernel and a manifest. "
+                    "With no options: the shipped AV-Digits reference model, INT8, ONNX Runtime on this CPU.",
+        epilog="examples:\n  python -m ume_edge.build --precision int8   (writes engines/reference-int8-onnxruntime/)\n"
+               "  python -m ume_edge.build --backend tensorrt --export-only   (TensorRT-ready files for a Jetson)\n"
+               "  python -m ume_edge.build --adopt engines/DIR   (on the Jetson, after DIR's build_plans_trt10.sh)")
+    parser.add_argument("--model", help="checkpoint from `python -m ume_edge.train`, or path/to/file.py:factory "
+                                        "(default: the shipped reference model)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="engine precision; INT8 falls back per modality when it costs more than --max-drop")
+    parser.add_argument("--backend", choices=("auto", *backends.NAMES), default="auto",
+                        help="auto: TensorRT when it is importable and a CUDA GPU is present, else ONNX Runtime")
+    parser.add_argument("--calib-data", help="NPZ with one array per modality (default: "
+                                             f"{DEFAULT_CALIB.relative_to(PROJECT_ROOT)}); or NAME:SPLIT of a shipped "
+                                             "data set")
+    parser.add_argument("--eval-data", help="NPZ with one array per modality and `labels` when known (default: "
+                                            "avdigits:val for a model trained on AV-Digits, else the calibration data)")
+    parser.add_argument("--calib-method", choices=CALIB_METHODS, default=DEFAULT_CALIB_METHOD,
+                        help="tried first; the others are tried if it costs more than --max-drop")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="largest batch the engines accept")
+    parser.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,
+                        help="largest accuracy drop (points, any presence pattern) INT8 may cost a modality")
+    parser.add_argument("--out", type=Path, help="engine directory (default: engines/reference-<precision>-<backend> "
+                                                 "for the shipped model, engines/<model>-<hash>-<precision>-<backend> "
+                                                 "for others); only an engine directory ume-edge wrote is replaced")
+    parser.add_argument("--export-only", action="store_true",
+                        help="with --backend tensorrt: write the TensorRT-ready ONNX, scripts and manifest; build no plan")
+    parser.add_argument("--adopt", type=Path, metavar="DIR",
+                        help="make an export-only DIR whose scripts built the plans here into an engine directory")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads for verification (default: all cores)")
+    parser.add_argument("--allow-chance-accuracy", action="store_true",
+                        help="build even when the fp32 model is no better than chance on the evaluation data")
+    trt = parser.add_argument_group("TensorRT (with --backend tensorrt)")
+    trt.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit (MiB); lower on Jetson")
+    trt.add_argument("--timing-cache", type=Path, help="persistent timing cache file: rebuilds reuse kernel timings "
+                                                       "(default: none)")
+    trt.add_argument("--dla-core", type=int, help="build the encoders for this DLA core (Jetson), GPU fallback on "
+                                                  "(default: GPU only)")
+    trt.add_argument("--hardware-compatible", action="store_true",
+                     help="plans that run on any Ampere or newer GPU (slower; not on Jetson)")
+    trt.add_argument("--version-compatible", action="store_true",
+                     help="plans that later TensorRT versions can run (slower)")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> BuildOptions:
+    fields = {name for name in BuildOptions.__dataclass_fields__}
+    return BuildOptions(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    show_progress()
+    started = time.perf_counter()
+    try:
+        if args.adopt is not None:
+            from ume_edge.build.adopt import adopt
+
+            out = adopt(args.adopt)
+        else:
+            out = build(_options(args))
+        summary = format_summary(engine_dir.load(out), out, time.perf_counter() - started)
+    except (UmeEdgeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written; --out is as it was", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(summary)

@@ -1,0 +1,295 @@
+"""A standard Triton model repository for an engine directory.
+
+The repository holds one model per modality encoder (``ume_<modality>``), the ``fusion`` model, and the entry model
+``ume``: a Python-backend BLS model whose per-modality inputs are ``optional: true``. It calls only the encoders
+whose inputs are present, builds the ``[B, M, C]`` partial logits and the ``[B, M]`` presence mask, calls ``fusion``
+and returns ``logits``, ``probs`` and ``label``. (An ensemble cannot skip a step for an absent input, and Triton's
+TensorRT backend rejects optional inputs, hence BLS.)
+
+Encoders and fusion are served as the engine directory's backend says (``onnxruntime_onnx`` with ``1/model.onnx``,
+``tensorrt_plan`` with ``1/model.plan``: the fusion plan too, so partial logits and fusion share one platform and no
+ONNX Runtime is needed on a Jetson). For an export-only TensorRT directory the plans do not exist yet: each model gets
+its ONNX as ``source.onnx`` beside its config, and ``build_plans_trt<major>.sh`` at the top builds every
+``<model>/1/model.plan`` with trtexec on the target. ``encoder_backend="python"`` writes Python-backend models that
+run the ONNX files with ONNX Runtime instead, for a Triton with only the python backend (the nvidia-pytriton wheel's).
+
+``entry="pipeline"`` writes an entry model that runs the whole ``ume_edge.runtime.Pipeline`` inside Triton's Python
+stub, on a copy of the engine directory (no fusion model, no BLS hops; the Triton host's Python needs ume-edge).
+
+Only model folders this module wrote (their ``config.pbtxt`` starts with ``WRITTEN_BY``) are ever replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ume_edge import backends, engine_dir
+from ume_edge.constants import (ENTRY_MODEL, FUSION_MODEL, LABEL, LOGITS, PARTIAL_LOGITS, PRESENT, PROBS,
+                                encoder_model_name)
+from ume_edge.errors import UmeEdgeError
+
+ENCODER_BACKENDS = ("auto", "python")
+ENTRIES = ("bls", "pipeline")
+DEFAULT_MAX_QUEUE_DELAY_US = 100
+ENTRY_TEMPLATE = "ume_bls.py"
+PIPELINE_TEMPLATE = "ume_pipeline.py"
+ONNX_TEMPLATE = "onnx_model.py"
+SOURCE_ONNX = "source.onnx"
+WRITTEN_BY = "# Written by python -m ume_edge.triton_repo; the next run replaces this model folder."
+
+TRITON_DTYPES = {
+    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
+}
+
+
+class RepositoryError(UmeEdgeError):
+    """The repository cannot be written as asked; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.pbtxt (protobuf text format) without a protobuf dependency
+
+
+class Ident(str):
+    """An enum value (``TYPE_FP32``, ``KIND_CPU``): written without quotes."""
+
+
+def to_pbtxt(message: dict) -> str:
+    return "\n".join(_message_lines(message, 0)) + "\n"
+
+
+def _message_lines(message: dict, depth: int) -> list[str]:
+    lines: list[str] = []
+    for key, value in message.items():
+        lines += _field_lines(key, value, depth)
+    return lines
+
+
+def _field_lines(key: str, value, depth: int) -> list[str]:
+    pad = "  " * depth
+    if isinstance(value, dict):
+        return [f"{pad}{key} {{", *_message_lines(value, depth + 1), f"{pad}}}"]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        lines = [f"{pad}{key} ["]
+        for index, item in enumerate(value):
+            comma = "," if index < len(value) - 1 else ""
+            lines += [f"{pad}  {{", *_message_lines(item, depth + 2), f"{pad}  }}{comma}"]
+        return lines + [f"{pad}]"]
+    if isinstance(value, list):
+        return [f"{pad}{key}: [ {', '.join(_scalar(v) for v in value)} ]"]
+    return [f"{pad}{key}: {_scalar(value)}"]
+
+
+def _scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Ident):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # its escapes (\" \\ \n) are valid text-format escapes
+    return str(value)
+
+
+def _parameters(values: dict[str, str]) -> list[dict]:
+    return [{"key": key, "value": {"string_value": value}} for key, value in values.items()]
+
+
+def _tensor(name: str, dtype: str, dims, optional: bool = False) -> dict:
+    tensor = {"name": name, "data_type": Ident(TRITON_DTYPES[dtype]), "dims": [int(d) for d in dims]}
+    if optional:
+        tensor["optional"] = True
+    return tensor
+
+
+def _scheduling(max_batch: int, instances: int, kind: str, max_queue_delay_us: int,
+                secondary_devices: tuple[dict, ...] = ()) -> dict:
+    group = {"count": int(instances), "kind": Ident(kind)}
+    if secondary_devices:
+        group["secondary_devices"] = [{"kind": Ident(d["kind"]), "device_id": int(d["device_id"])}
+                                      for d in secondary_devices]
+    return {
+        "max_batch_size": int(max_batch),
+        "dynamic_batching": {"max_queue_delay_microseconds": int(max_queue_delay_us)},
+        "instance_group": [group],
+    }
+
+
+def template_dir() -> Path:
+    """The Python-backend model sources the repository's models are made from (packaged with ume-edge)."""
+    return Path(__file__).resolve().parent / "templates"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model folders
+
+
+def _fresh_model_dir(out: Path, name: str) -> Path:
+    """``out/name``, emptied if this module wrote it, with an empty version folder ``1``."""
+    model_dir = out / name
+    if model_dir.exists():
+        config = model_dir / "config.pbtxt"
+        if not config.is_file() or not config.read_text(errors="replace").startswith(WRITTEN_BY):
+            raise RepositoryError(f"{model_dir} exists and was not written by ume-edge; it was left untouched. "
+                                  "Choose another --out, or move that model")
+        shutil.rmtree(model_dir)
+    (model_dir / "1").mkdir(parents=True)
+    return model_dir
+
+
+def _write_model(out: Path, name: str, config: dict, files: dict[str, Path]) -> Path:
+    """A model folder: ``config.pbtxt`` plus each ``files`` source copied to its relative target."""
+    model_dir = _fresh_model_dir(out, name)
+    (model_dir / "config.pbtxt").write_text(WRITTEN_BY + "\n" + to_pbtxt({"name": name, **config}))
+    for target, source in files.items():
+        shutil.copyfile(source, model_dir / target)
+    return model_dir
+
+
+class _Writer:
+    """Writes one repository for one engine directory."""
+
+    def __init__(self, engines: Path, manifest: engine_dir.Manifest, python_models: bool, instances: int,
+                 max_queue_delay_us: int, threads: int | None):
+        self.engines, self.manifest, self.python_models = engines, manifest, python_models
+        self.instances, self.max_queue_delay_us, self.threads = instances, max_queue_delay_us, threads
+        self.backend = backends.get(manifest.backend)
+        self.targets: dict[str, tuple[str, str]] = {}  # engines the target still has to build: key -> (onnx, plan)
+
+    def _runtime(self, key: str, record_engine, record_onnx) -> tuple[dict, dict[str, Path], tuple[dict, ...]]:
+        """(platform/backend fields, files to copy, secondary devices) of an encoder (``key``) or the fusion."""
+        if self.python_models:
+            return ({"backend": "python", "parameters": _parameters({"intra_op_threads": str(self.threads or 0)})},
+                    {"1/model.onnx": self.engines / record_engine.path, "1/model.py": template_dir() / ONNX_TEMPLATE},
+                    ())
+        model = self.backend.triton_model(self.manifest, None if key == FUSION_MODEL else key)
+        fields = {"platform": model.platform}
+        if record_engine is not None:
+            return fields, {f"1/{model.file_name}": self.engines / record_engine.path}, model.secondary_devices
+        name = FUSION_MODEL if key == FUSION_MODEL else encoder_model_name(key)
+        self.targets[key] = (f"{name}/{SOURCE_ONNX}", f"{name}/1/{model.file_name}")
+        return fields, {SOURCE_ONNX: self.engines / record_onnx.path}, model.secondary_devices
+
+    def _kind(self) -> str:
+        return "KIND_CPU" if self.python_models else \
+            self.backend.triton_model(self.manifest, None).instance_kind
+
+    def encoder(self, out: Path, modality: engine_dir.ModalityRecord) -> Path:
+        runtime, files, secondary = self._runtime(modality.name, modality.engine, modality.onnx)
+        config = {
+            **runtime,
+            **_scheduling(self.manifest.max_batch, self.instances, self._kind(), self.max_queue_delay_us, secondary),
+            "input": [_tensor(modality.name, modality.dtype, modality.shape)],
+            "output": [_tensor(PARTIAL_LOGITS, "float32", [self.manifest.model.num_classes])],
+        }
+        return _write_model(out, encoder_model_name(modality.name), config, files)
+
+    def fusion(self, out: Path) -> Path:
+        fusion = self.manifest.fusion
+        runtime, files, _ = self._runtime(FUSION_MODEL, fusion.engine, fusion.onnx)
+        count, classes = len(self.manifest.modalities), self.manifest.model.num_classes
+        config = {
+            **runtime,
+            **_scheduling(self.manifest.max_batch, self.instances, self._kind(), self.max_queue_delay_us),
+            "input": [_tensor(PARTIAL_LOGITS, "float32", [count, classes]), _tensor(PRESENT, "float32", [count])],
+            "output": [_tensor(LOGITS, "float32", [classes]), _tensor(PROBS, "float32", [classes])],
+        }
+        return _write_model(out, FUSION_MODEL, config, files)
+
+    def _entry_config(self, parameters: dict[str, str]) -> dict:
+        classes, order = self.manifest.model.num_classes, self.manifest.fusion.modality_order
+        return {
+            "backend": "python",
+            **_scheduling(self.manifest.max_batch, self.instances, "KIND_CPU", self.max_queue_delay_us),
+            "input": [_tensor(name, self.manifest.modality(name).dtype, self.manifest.modality(name).shape,
+                              optional=True) for name in order],
+            "output": [_tensor(LOGITS, "float32", [classes]), _tensor(PROBS, "float32", [classes]),
+                       _tensor(LABEL, "int64", [1])],
+            "parameters": _parameters(parameters),
+        }
+
+    def bls_entry(self, out: Path) -> Path:
+        """``ume`` as BLS: calls the present modalities' encoder models, then the fusion model. An encoder whose
+        engine runs one fixed batch (a DLA plan) gets its rows padded to that batch."""
+        order = self.manifest.fusion.modality_order
+        fixed = {name: self.manifest.max_batch for name in order
+                 if not self.python_models and self.manifest.device.get("dla_core") is not None}
+        config = self._entry_config({
+            "modality_order": json.dumps(order),
+            "encoder_models": json.dumps({name: encoder_model_name(name) for name in order}),
+            "encoder_output": PARTIAL_LOGITS,
+            "encoder_fixed_batch": json.dumps(fixed),
+            "fusion_model": FUSION_MODEL,
+        })
+        return _write_model(out, ENTRY_MODEL, config, {"1/model.py": template_dir() / ENTRY_TEMPLATE})
+
+    def pipeline_entry(self, out: Path) -> Path:
+        """``ume`` running the whole Pipeline in Triton's Python stub, on a copy of the engine directory."""
+        config = self._entry_config({"threads": str(self.threads or 0)})
+        model_dir = _write_model(out, ENTRY_MODEL, config, {"1/model.py": template_dir() / PIPELINE_TEMPLATE})
+        shutil.copytree(self.engines, model_dir / "1" / "engines",
+                        ignore=shutil.ignore_patterns(engine_dir.STAGING_MARKER))
+        return model_dir
+
+    def scripts(self, out: Path) -> list[Path]:
+        written = []
+        for name, text in self.backend.target_build_scripts(self.manifest, self.targets).items():
+            path = out / name
+            path.write_text(text)
+            path.chmod(0o755)
+            written.append(path)
+        return written
+
+
+def _check_request(manifest: engine_dir.Manifest, python_models: bool, entry: str, instances: int,
+                   max_queue_delay_us: int) -> None:
+    if entry not in ENTRIES:
+        raise RepositoryError(f"unknown entry {entry!r}; choose one of {', '.join(ENTRIES)}")
+    if instances < 1:
+        raise RepositoryError(f"--instances must be at least 1, got {instances}")
+    if max_queue_delay_us < 0:
+        raise RepositoryError(f"--max-queue-delay-us must be 0 or more, got {max_queue_delay_us}")
+    records = [m.engine for m in manifest.modalities] + [manifest.fusion.engine]
+    if (python_models or entry == "pipeline") and not all(r is not None and r.path.endswith(".onnx")
+                                                         for r in records):
+        raise RepositoryError("Python-backend models and the pipeline entry run ONNX engine files with ONNX Runtime; "
+                              f"this is a {manifest.backend} directory{' (export only)' if manifest.export_only else ''}"
+                              ". Write the default layout instead")
+
+
+def write_repository(engines: str | Path, out: str | Path, *, encoder_backend: str = "auto", entry: str = "bls",
+                     instances: int = 1, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
+                     threads: int | None = None) -> list[Path]:
+    """Write (or rewrite) the ``ume``, ``fusion`` and ``ume_<modality>`` models, and for an export-only directory
+    the scripts that build its engines, in ``out``; returns what was written. Other files in ``out`` stay.
+
+    ``threads`` sets ONNX Runtime's threads in the Python-backend models (default: ONNX Runtime's choice).
+    """
+    if encoder_backend not in ENCODER_BACKENDS:
+        raise RepositoryError(f"unknown encoder backend {encoder_backend!r}; choose one of "
+                              f"{', '.join(ENCODER_BACKENDS)}")
+    engines, out = Path(engines), Path(out)
+    manifest = engine_dir.load(engines)
+    python_models = encoder_backend == "python"
+    _check_request(manifest, python_models, entry, instances, max_queue_delay_us)
+    if not manifest.export_only:
+        backends.get(manifest.backend)  # an unknown backend is refused before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _Writer(engines, manifest, python_models, instances, max_queue_delay_us, threads)
+    written = [writer.encoder(out, modality) for modality in manifest.modalities]
+    if entry == "pipeline":
+        return written + [writer.pipeline_entry(out)]
+    written += [writer.fusion(out), writer.bls_entry(out)]
+    return written + writer.scripts(out)
+
+
+def serve_hint(manifest: engine_dir.Manifest, out: Path) -> str:
+    """What to run next, as it works here."""
+    if manifest.export_only:
+        return (f"on the target: sh {out}/build_plans_trt10.sh (TensorRT 10, JetPack 6) or build_plans_trt11.sh, then "
+                f"tritonserver --model-repository={out.resolve()}")
+    if manifest.device.get("version_compatible"):
+        return f"tritonserver --model-repository={out.resolve()} --backend-config=tensorrt,version-compatible=true"
+    return f"python -m ume_edge.serve --repository {out}   (or tritonserver --model-repository={out.resolve()})"
