@@ -2,18 +2,25 @@
 
     python -m ume_edge.client --url localhost:8001 --drop image=0.2,audio=0.3 --concurrency 16
 
-Each sample of the split becomes one request. Every sensor (modality) is a stream: its reading of a sample is
-lost with the ``--drop`` probability, and arrives with a random delay (exponential, mean ``--jitter-ms``). With
-``--deadline-ms`` the request leaves when every surviving reading is in or the deadline passes, whichever is
-first, and readings later than the deadline are left out. A request never goes out empty: if every reading of a
-sample is lost, the sample is drawn again. Requests are asynchronous (``tritonclient.grpc``), at most
-``--concurrency`` in flight, paced at ``--rate`` per second if given. At the end it prints accuracy per presence
-pattern, latency p50/p90/p99 and throughput; ``run_client(...)`` returns the same as a dict.
+Every sensor (modality) is a stream on a simulated clock: sample ``i`` is captured at ``i / --rate`` seconds and
+stamped with that time; each sensor's reading of it is lost with the ``--drop`` probability, or arrives after a
+random delay (exponential, mean ``--jitter-ms``, drawn afresh for every reading). The readings go, in order of
+arrival, into a ``SensorSync`` (``ume_edge.sync``) with ``--deadline-ms`` and a window of half the sample period,
+and each frame it emits becomes one request, without the modalities missing from the frame: those that were lost
+("dropped") and those that arrived after their frame had left ("missed the deadline"). A sample whose every
+reading is lost makes no request; ``--requests`` counts requests. With ``--rate`` the requests leave in real time,
+when their frame was emitted; without it the samples lie far apart on the simulated clock and the requests leave as
+fast as ``--concurrency`` allows. Requests are asynchronous (``tritonclient.grpc``); every call honours
+``--timeout-s``, and after ``--max-failures`` failed requests in a row the client stops sending. At the end it
+prints accuracy per presence pattern, latency p50/p90/p99 and throughput; ``run_client(...)`` returns the same as a
+dict.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import json
 import sys
 import threading
@@ -24,10 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from ume_edge.data import load, pattern_key
+from ume_edge.sync import Frame, SensorSync
 
 DEFAULT_JITTER_MS = {"audio": 8.0, "image": 3.0}
 FALLBACK_JITTER_MS = 5.0
-MAX_REDRAWS = 1000
+DEFAULT_DEADLINE_JITTERS = 10.0  # without --deadline-ms: 10 mean delays of the slowest sensor (late: p < 5e-5)
+UNPACED_PERIOD_S = 60.0  # sample spacing on the simulated clock without --rate: samples never meet
+MAX_LOST_SAMPLES = 1000
+DEFAULT_MAX_FAILURES = 10
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,19 +64,22 @@ def _name_value(item: str, flag: str) -> tuple[str, float]:
 
 
 @dataclass
-class SensorPlan:
-    """When the request for one sample leaves, and which modalities it carries."""
+class Request:
+    """One frame from the SensorSync: the sample it holds, its modalities, and the times on the simulated clock
+    (the first sample is captured at 0) when it was captured and when the sync emitted it."""
 
-    sample: int
+    sample: int  # row of the split
     present: tuple[str, ...]
-    wait_s: float  # after the sample's nominal time: the last arrival, capped by the deadline
+    captured_s: float
+    send_at_s: float
     dropped: tuple[str, ...] = ()
     late: tuple[str, ...] = ()
 
 
 @dataclass
 class SensorModel:
-    """Per-sensor loss probability and mean arrival delay, and the deadline after which a reading is left out."""
+    """Per-sensor loss probability and mean arrival delay, and the deadline after which a frame leaves without a
+    sensor (default: ``DEFAULT_DEADLINE_JITTERS`` mean delays of the slowest sensor)."""
 
     modalities: list[str]
     drop: dict[str, float] = field(default_factory=dict)
@@ -80,31 +94,95 @@ class SensorModel:
         for name, p in self.drop.items():
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"--drop {name}={p}: a probability must be in [0, 1)")
+        for name in self.modalities:
+            if not self.mean_delay_ms(name) >= 0:
+                raise ValueError(f"--jitter-ms {name}={self.mean_delay_ms(name)}: a delay must be >= 0")
+        if self.deadline_ms is None:
+            self.deadline_ms = DEFAULT_DEADLINE_JITTERS * max(map(self.mean_delay_ms, self.modalities))
+        if not self.deadline_ms > 0:
+            raise ValueError(f"--deadline-ms must be positive, got {self.deadline_ms}")
 
-    def plan(self, sample: int, rng: np.random.Generator) -> SensorPlan:
-        """Draw drops and arrival delays until at least one modality is present."""
-        for _ in range(MAX_REDRAWS):
-            plan = self._draw(sample, rng)
-            if plan.present:
-                return plan
-        raise ValueError(f"{MAX_REDRAWS} draws in a row lost every modality; lower --drop or raise --deadline-ms")
+    def mean_delay_ms(self, name: str) -> float:
+        return self.jitter_ms.get(name, DEFAULT_JITTER_MS.get(name, FALLBACK_JITTER_MS))
 
-    def _draw(self, sample: int, rng: np.random.Generator) -> SensorPlan:
-        dropped, late, present, arrivals = [], [], [], []
+    def draw(self, rng: np.random.Generator) -> tuple[list[str], dict[str, float]]:
+        """One sample: the sensors that lost it, and the arrival delay in seconds of every other one."""
+        dropped, delays = [], {}
         for name in self.modalities:
             if rng.random() < self.drop.get(name, 0.0):
                 dropped.append(name)
-                continue
-            arrival_ms = rng.exponential(self.jitter_ms.get(name, DEFAULT_JITTER_MS.get(name, FALLBACK_JITTER_MS)))
-            if self.deadline_ms is not None and arrival_ms > self.deadline_ms:
-                late.append(name)
-                continue
-            present.append(name)
-            arrivals.append(arrival_ms)
-        wait_ms = max(arrivals, default=0.0)
-        if late:
-            wait_ms = self.deadline_ms
-        return SensorPlan(sample, tuple(present), wait_ms / 1e3, tuple(dropped), tuple(late))
+            else:
+                delays[name] = rng.exponential(self.mean_delay_ms(name)) / 1e3
+        return dropped, delays
+
+
+class SimulatedClock:
+    """The clock the SensorSync reads in a replay: set by the replay, not by time passing."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SensorReplay:
+    """The simulated sensors feeding a SensorSync on a simulated clock; the frames it emits become the requests."""
+
+    def __init__(self, sensors: SensorModel, samples: int, rng: np.random.Generator, period_s: float):
+        self.sensors, self.samples, self.rng, self.period_s = sensors, samples, rng, period_s
+        self.clock = SimulatedClock()
+        self.sync = SensorSync(sensors.modalities, sensors.deadline_ms, window_ms=period_s * 1e3 / 2,
+                               clock=self.clock)
+        self._arrivals: list[tuple[float, int, str, int]] = []  # heap of (arrival_s, order, modality, sample)
+        self._order = itertools.count()
+        self._lost_by_sample: dict[int, list[str]] = {}
+        self._next_sample = self._lost_in_a_row = 0
+
+    def requests(self, count: int) -> list[Request]:
+        """Replay until the sync has emitted ``count`` frames."""
+        requests: list[Request] = []
+        while len(requests) < count:
+            self._capture_until_next_arrival()
+            requests += self._deliver_next()
+        return requests[:count]
+
+    def _capture_until_next_arrival(self) -> None:
+        """Capture samples until no later capture can arrive before the earliest pending arrival."""
+        while not self._arrivals or self._next_sample * self.period_s <= self._arrivals[0][0]:
+            self._capture()
+
+    def _capture(self) -> None:
+        index, captured_s = self._next_sample, self._next_sample * self.period_s
+        self._next_sample += 1
+        lost, delays = self.sensors.draw(self.rng)
+        self._lost_in_a_row = 0 if delays else self._lost_in_a_row + 1
+        if self._lost_in_a_row >= MAX_LOST_SAMPLES:
+            raise ValueError(f"{MAX_LOST_SAMPLES} samples in a row lost every modality; lower --drop")
+        if delays:
+            self._lost_by_sample[index] = lost
+        for name, delay_s in delays.items():
+            heapq.heappush(self._arrivals, (captured_s + delay_s, next(self._order), name, index))
+
+    def _deliver_next(self) -> list[Request]:
+        """Let the deadlines before the next arrival pass, then push that reading (its payload: the sample index)."""
+        arrival_s, _, name, index = heapq.heappop(self._arrivals)
+        requests = []
+        while (due := self.sync.next_deadline()) is not None and due <= arrival_s:
+            self.clock.now = due
+            requests += self._as_requests(self.sync.poll())
+        self.clock.now = arrival_s
+        return requests + self._as_requests(self.sync.push(name, index * self.period_s, index))
+
+    def _as_requests(self, frames: list[Frame]) -> list[Request]:
+        requests = []
+        for frame in frames:
+            index = next(reading for reading in frame.inputs.values() if reading is not None)
+            lost = self._lost_by_sample.pop(index)
+            late = [name for name in self.sensors.modalities if frame.inputs[name] is None and name not in lost]
+            requests.append(Request(index % self.samples, frame.present, frame.timestamp, self.clock.now,
+                                    tuple(lost), tuple(late)))
+        return requests
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,11 +191,18 @@ class SensorModel:
 
 @dataclass
 class Outcome:
-    plan: SensorPlan
+    request: Request
     sent_s: float
     latency_s: float | None = None
     label: int | None = None
     error: str | None = None
+
+
+@dataclass
+class StreamResult:
+    outcomes: list[Outcome]
+    wall_s: float
+    stopped: str | None = None  # why it stopped before sending every request
 
 
 class Progress:
@@ -139,9 +224,9 @@ class Progress:
         sys.stderr.flush()
 
 
-def _model_inputs(client, model: str) -> dict[str, str]:
+def _model_inputs(client, model: str, timeout_s: float) -> dict[str, str]:
     """Input name -> Triton datatype, from the server's model metadata."""
-    metadata = client.get_model_metadata(model, as_json=True)
+    metadata = client.get_model_metadata(model, as_json=True, client_timeout=timeout_s)
     return {tensor["name"]: tensor["datatype"] for tensor in metadata["inputs"]}
 
 
@@ -160,55 +245,68 @@ def grpc_inputs(arrays: dict[str, np.ndarray], datatypes: dict[str, str] | None 
     return tensors
 
 
-def _request_inputs(inputs: dict[str, np.ndarray], plan: SensorPlan, datatypes: dict[str, str]) -> list:
-    return grpc_inputs({name: inputs[name][plan.sample: plan.sample + 1] for name in plan.present}, datatypes)
+def _request_inputs(inputs: dict[str, np.ndarray], request: Request, datatypes: dict[str, str]) -> list:
+    return grpc_inputs({name: inputs[name][request.sample: request.sample + 1] for name in request.present},
+                       datatypes)
 
 
-def stream(url: str, model: str, inputs: dict[str, np.ndarray], plans: list[SensorPlan], *, concurrency: int,
-           rate: float | None, timeout_s: float, progress: bool) -> tuple[list[Outcome], float]:
-    """Send one request per plan, at most ``concurrency`` in flight; returns the outcomes and the wall time."""
+def stream(url: str, model: str, inputs: dict[str, np.ndarray], requests: list[Request], *, concurrency: int,
+           rate: float | None, timeout_s: float, max_failures: int = DEFAULT_MAX_FAILURES,
+           progress: bool = False) -> StreamResult:
+    """Send the requests, at most ``concurrency`` in flight, each call limited to ``timeout_s``; stop sending after
+    ``max_failures`` failed requests in a row (0: never)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     try:
-        datatypes = _model_inputs(client, model)
-        missing = [name for plan in plans for name in plan.present if name not in datatypes][:1]
+        datatypes = _model_inputs(client, model, timeout_s)
+        missing = [name for request in requests for name in request.present if name not in datatypes][:1]
         if missing:
             raise ValueError(f"model {model!r} at {url} has no input {missing[0]!r} (it has {', '.join(datatypes)})")
         outputs = [grpcclient.InferRequestedOutput("label")]
         slots = threading.Semaphore(concurrency)
-        tally = _Tally()
+        tally = _Tally(max_failures)
         outcomes: list[Outcome] = []
-        bar = Progress(len(plans), progress)
+        bar = Progress(len(requests), progress)
         start = time.perf_counter()
-        for index, plan in enumerate(plans):
+        for request in requests:
             if rate:
-                _sleep_until(start + index / rate + plan.wait_s)
-            request_inputs = _request_inputs(inputs, plan, datatypes)
+                _sleep_until(start + request.send_at_s)
+            request_inputs = _request_inputs(inputs, request, datatypes)
             slots.acquire()
-            outcome = Outcome(plan, time.perf_counter())
+            if tally.gave_up:
+                break
+            outcome = Outcome(request, time.perf_counter())
             outcomes.append(outcome)
             client.async_infer(model, request_inputs, _on_answer(outcome, slots, tally), outputs=outputs,
                                client_timeout=timeout_s)
             bar.update(tally.done)
-        tally.wait_for(len(plans), timeout_s + 5)
+        tally.wait_for(len(outcomes), timeout_s + 5)
         wall_s = time.perf_counter() - start
         bar.update(tally.done, final=True)
-        return outcomes, wall_s
+        stopped = None
+        if tally.gave_up:
+            stopped = (f"stopped after {max_failures} failed requests in a row (--max-failures {max_failures}); "
+                       f"sent {len(outcomes)} of {len(requests)}")
+        return StreamResult(outcomes, wall_s, stopped)
     finally:
         client.close()
 
 
 class _Tally:
-    """How many answers came back; the stream waits on it at the end."""
+    """How many answers came back, and whether ``max_failures`` failed in a row (0: never give up)."""
 
-    def __init__(self):
-        self.done = 0
+    def __init__(self, max_failures: int):
+        self.max_failures = max_failures
+        self.done = self.failures_in_a_row = 0
+        self.gave_up = False
         self._changed = threading.Condition()
 
-    def add(self) -> None:
+    def add(self, failed: bool) -> None:
         with self._changed:
             self.done += 1
+            self.failures_in_a_row = self.failures_in_a_row + 1 if failed else 0
+            self.gave_up = self.gave_up or 0 < self.max_failures <= self.failures_in_a_row
             self._changed.notify_all()
 
     def wait_for(self, count: int, timeout_s: float) -> bool:
@@ -223,8 +321,8 @@ def _on_answer(outcome: Outcome, slots: threading.Semaphore, tally: _Tally):
             outcome.error = str(error)
         else:
             outcome.label = int(result.as_numpy("label").reshape(-1)[0])
+        tally.add(failed=error is not None)  # before the slot frees: the sender checks gave_up after taking it
         slots.release()
-        tally.add()
     return callback
 
 
@@ -238,7 +336,8 @@ def _sleep_until(moment: float) -> None:
 # the report
 
 
-def summarize(outcomes: list[Outcome], labels: np.ndarray | None, wall_s: float) -> dict:
+def summarize(result: StreamResult, labels: np.ndarray | None) -> dict:
+    outcomes, wall_s = result.outcomes, result.wall_s
     answered = [o for o in outcomes if o.error is None and o.label is not None]
     latencies_ms = np.array([o.latency_s * 1e3 for o in answered]) if answered else np.zeros(0)
     return {
@@ -252,21 +351,22 @@ def summarize(outcomes: list[Outcome], labels: np.ndarray | None, wall_s: float)
                        for q in (50, 90, 99)},
         "throughput_rps": len(answered) / wall_s if wall_s > 0 else 0.0,
         "wall_s": wall_s,
-        "dropped": _count(o.plan.dropped for o in outcomes),
-        "late": _count(o.plan.late for o in outcomes),
+        "dropped": _count(o.request.dropped for o in outcomes),
+        "late": _count(o.request.late for o in outcomes),
+        "stopped": result.stopped,
     }
 
 
 def _accuracy(outcomes: list[Outcome], labels: np.ndarray | None) -> float | None:
     if labels is None or not outcomes:
         return None
-    return float(np.mean([o.label == labels[o.plan.sample] for o in outcomes]))
+    return float(np.mean([o.label == labels[o.request.sample] for o in outcomes]))
 
 
 def _per_pattern(outcomes: list[Outcome], labels: np.ndarray | None) -> dict[str, dict]:
     groups: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
-        groups.setdefault(pattern_key(outcome.plan.present), []).append(outcome)
+        groups.setdefault(pattern_key(outcome.request.present), []).append(outcome)
     return {key: {"count": len(group), "accuracy": _accuracy(group, labels)} for key, group in sorted(groups.items())}
 
 
@@ -293,6 +393,8 @@ def format_report(summary: dict) -> str:
     if summary["dropped"] or summary["late"]:
         lines.append(f"left out: dropped {summary['dropped']}, missed the deadline {summary['late']}")
     lines += [f"error: {message}" for message in summary["error_examples"]]
+    if summary["stopped"]:
+        lines.append(summary["stopped"])
     return "\n".join(lines)
 
 
@@ -303,24 +405,31 @@ def format_report(summary: dict) -> str:
 def run_client(url: str = "localhost:8001", model: str = "ume", dataset: str = "avdigits", split: str = "test",
                drop: dict[str, float] | None = None, rate: float | None = None, concurrency: int = 1,
                deadline_ms: float | None = None, requests: int | None = None, seed: int = 0,
-               jitter_ms: dict[str, float] | None = None, timeout_s: float = 30.0, progress: bool = False,
+               jitter_ms: dict[str, float] | None = None, timeout_s: float = 30.0,
+               max_failures: int = DEFAULT_MAX_FAILURES, progress: bool = False,
                json_out: str | Path | None = None) -> dict:
     """Replay ``dataset``/``split`` against ``model`` at ``url`` and return the summary dict."""
     if concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
     if rate is not None and rate <= 0:
         raise ValueError(f"--rate must be positive, got {rate}")
+    if not timeout_s > 0:
+        raise ValueError(f"--timeout-s must be positive, got {timeout_s}")
+    if max_failures < 0:
+        raise ValueError(f"--max-failures must be 0 (never stop) or more, got {max_failures}")
     inputs, labels = load(dataset, split)
     sensors = SensorModel(list(inputs), drop or {}, jitter_ms or {}, deadline_ms)
-    total = len(next(iter(inputs.values())))
-    count = total if requests is None else requests
-    rng = np.random.default_rng(seed)
-    plans = [sensors.plan(index % total, rng) for index in range(count)]
-    outcomes, wall_s = stream(url, model, inputs, plans, concurrency=concurrency, rate=rate, timeout_s=timeout_s,
-                              progress=progress)
-    summary = summarize(outcomes, labels, wall_s)
+    samples = len(next(iter(inputs.values())))
+    replay = SensorReplay(sensors, samples, np.random.default_rng(seed), 1.0 / rate if rate else UNPACED_PERIOD_S)
+    scheduled = replay.requests(samples if requests is None else requests)
+    result = stream(url, model, inputs, scheduled, concurrency=concurrency, rate=rate, timeout_s=timeout_s,
+                    max_failures=max_failures, progress=progress)
+    summary = summarize(result, labels)
+    summary["sync_dropped"] = replay.sync.dropped
     summary["settings"] = {"url": url, "model": model, "dataset": dataset, "split": split, "drop": drop or {},
-                           "rate": rate, "concurrency": concurrency, "deadline_ms": deadline_ms, "seed": seed}
+                           "jitter_ms": {name: sensors.mean_delay_ms(name) for name in sensors.modalities},
+                           "rate": rate, "concurrency": concurrency, "deadline_ms": sensors.deadline_ms,
+                           "seed": seed, "timeout_s": timeout_s, "max_failures": max_failures}
     if json_out:
         Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -329,27 +438,38 @@ def run_client(url: str = "localhost:8001", model: str = "ume", dataset: str = "
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ume_edge.client",
-        description="Replay a data set as one stream per sensor against a Triton server (gRPC), leaving out the "
-                    "modalities that dropped or missed the deadline; report accuracy per presence pattern, "
-                    "latency percentiles and throughput.",
+        description="Replay a data set as one stream per sensor against a Triton server (gRPC): the readings go "
+                    "through a SensorSync, and each frame it emits is one request, without the modalities that "
+                    "dropped or missed the deadline; report accuracy per presence pattern, latency percentiles "
+                    "and throughput.",
     )
     parser.add_argument("--url", default="localhost:8001", help="gRPC address host:port (default localhost:8001)")
     parser.add_argument("--model", default="ume", help="model name (default ume)")
     parser.add_argument("--dataset", default="avdigits", help="data set name or .npz path (default avdigits)")
     parser.add_argument("--split", default="test", help="split to replay (default test)")
-    parser.add_argument("--drop", default="", help="loss probability per sensor, e.g. image=0.2,audio=0.3")
+    parser.add_argument("--drop", default="", help="loss probability per sensor, e.g. image=0.2,audio=0.3 "
+                        "(default: none lost)")
     parser.add_argument("--jitter-ms", default="", help="mean arrival delay per sensor in ms (exponential), e.g. "
-                        f"audio=8,image=3 (default {','.join(f'{k}={v:g}' for k, v in DEFAULT_JITTER_MS.items())})")
+                        f"audio=8,image=3 (default {','.join(f'{k}={v:g}' for k, v in DEFAULT_JITTER_MS.items())}, "
+                        f"{FALLBACK_JITTER_MS:g} for other sensors)")
     parser.add_argument("--deadline-ms", type=float, default=None,
-                        help="leave out readings that arrive later than this after the sample (default: wait)")
-    parser.add_argument("--rate", type=float, default=None, help="samples per second (default: as fast as allowed)")
+                        help="a frame leaves this long after its first reading arrived, with whatever arrived "
+                             f"(default: {DEFAULT_DEADLINE_JITTERS:g} x the slowest sensor's mean delay, so only "
+                             "lost readings are waited for)")
+    parser.add_argument("--rate", type=float, default=None, help="samples per second, replayed in real time "
+                        "(default: samples far apart, requests as fast as --concurrency allows)")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at most (default 1)")
-    parser.add_argument("--requests", type=int, default=None, help="requests to send (default: the whole split; "
-                        "more cycles through it)")
+    parser.add_argument("--requests", type=int, default=None, help="requests to send (default: as many as the "
+                        "split has samples; more cycles through it)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drops and jitter (default 0)")
-    parser.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout (default 30)")
-    parser.add_argument("--json", dest="json_out", default=None, help="also write the summary as JSON to this file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--timeout-s", type=float, default=30.0,
+                        help="limit for every call to the server, metadata included (default 30)")
+    parser.add_argument("--max-failures", type=int, default=DEFAULT_MAX_FAILURES,
+                        help="stop sending after this many failed requests in a row and report what came back; "
+                             f"0: never stop (default {DEFAULT_MAX_FAILURES})")
+    parser.add_argument("--json", dest="json_out", default=None,
+                        help="also write the summary as JSON to this file (default: none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr)")
     return parser.parse_args(argv)
 
 
@@ -361,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             drop=parse_modality_values(args.drop, "--drop"), rate=args.rate, concurrency=args.concurrency,
             deadline_ms=args.deadline_ms, requests=args.requests, seed=args.seed,
             jitter_ms=parse_modality_values(args.jitter_ms, "--jitter-ms"), timeout_s=args.timeout_s,
-            progress=not args.no_progress, json_out=args.json_out,
+            max_failures=args.max_failures, progress=not args.no_progress, json_out=args.json_out,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

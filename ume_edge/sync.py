@@ -1,0 +1,154 @@
+"""Group sensor readings that belong together into frames, waiting for late sensors no longer than a deadline.
+
+    sync = SensorSync(["audio", "image"], deadline_ms=30, window_ms=15)
+    frames = sync.push("image", stamp_s, array)  # frames this reading completed, or whose deadline has passed
+    frames += sync.poll()                        # call it on a timer: deadlines pass without any reading
+
+A reading joins the open frame whose first reading's timestamp is nearest to its own, if that is within
+``window_ms``; otherwise it opens a new frame. A frame is emitted as soon as every modality has a reading in it, or
+once ``deadline_ms`` have passed on ``clock`` since its first reading arrived; the modalities that did not arrive
+are ``None`` in ``Frame.inputs``. A frame is never empty. Frames leave in timestamp order: when a frame is ready,
+every older frame still open leaves with it, incomplete (with in-order sensor streams their missing readings could
+only arrive out of order now).
+
+Readings that cannot join are counted in ``dropped`` by reason and left out, never raised:
+
+- ``stale``: the timestamp is at or before the last emitted frame's, or within ``window_ms`` after it (it belongs
+  to a frame that has already left);
+- ``out_of_order``: the timestamp is before the latest accepted reading of the same modality;
+- ``duplicate``: the frame it belongs to already has a reading of this modality (outside the window of every open
+  frame, a reading opens a new frame instead);
+- ``non_finite``: the timestamp is NaN or infinite.
+
+An unknown modality name raises ``ValueError``: that is a programming error, not a sensor fault. Timestamps
+(``timestamp_s``) and the clock are separate time bases: timestamps only decide which readings belong together,
+the clock only measures deadlines. Choose ``window_ms`` below the sensors' sample period (half of it is a good
+choice), or consecutive samples merge. ``push``, ``poll`` and ``flush`` hold a lock, so callbacks may call them
+from several threads (an rclpy ``MultiThreadedExecutor``, for instance).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+LOGGER = logging.getLogger(__name__)
+
+DROP_REASONS = ("stale", "out_of_order", "duplicate", "non_finite")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Readings of every modality for one moment: ``inputs[name]`` is ``None`` where a reading did not arrive."""
+
+    timestamp: float  # of the frame's first reading
+    inputs: dict[str, Any]
+
+    @property
+    def present(self) -> tuple[str, ...]:
+        return tuple(name for name, reading in self.inputs.items() if reading is not None)
+
+
+@dataclass
+class _OpenFrame:
+    timestamp: float
+    due: float  # on the clock: when the deadline passes
+    readings: dict[str, Any] = field(default_factory=dict)
+
+
+class SensorSync:
+    """Collects readings of ``modalities`` into frames; see the module docstring for the rules."""
+
+    def __init__(self, modalities: Iterable[str], deadline_ms: float, window_ms: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.modalities = tuple(modalities)
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"SensorSync needs distinct modality names, got {list(self.modalities)}")
+        window_ms = deadline_ms if window_ms is None else window_ms
+        if not (math.isfinite(deadline_ms) and deadline_ms > 0):
+            raise ValueError(f"deadline_ms must be a positive number, got {deadline_ms}")
+        if not (math.isfinite(window_ms) and window_ms >= 0):
+            raise ValueError(f"window_ms must be a number >= 0, got {window_ms}")
+        self.deadline_s, self.window_s = deadline_ms / 1e3, window_ms / 1e3
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: list[_OpenFrame] = []  # sorted by timestamp
+        self._last_emitted: float | None = None
+        self._latest: dict[str, float] = {}
+        self._dropped = dict.fromkeys(DROP_REASONS, 0)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Readings left out so far, by reason."""
+        with self._lock:
+            return dict(self._dropped)
+
+    def push(self, modality: str, timestamp_s: float, array: Any) -> list[Frame]:
+        """Add one reading; returns the frames this call completed or found past their deadline."""
+        if modality not in self.modalities:
+            raise ValueError(f"unknown modality {modality!r}; the modalities are {', '.join(self.modalities)}")
+        if array is None:
+            raise ValueError(f"push a reading for {modality!r}, not None (None marks a missing reading)")
+        with self._lock:
+            now = self._clock()
+            frames = self._take_ready(now)
+            reason = self._place(modality, float(timestamp_s), array, now)
+            if reason:
+                self._dropped[reason] += 1
+                LOGGER.debug("dropped a %s reading stamped %s: %s", modality, timestamp_s, reason)
+            return frames + self._take_ready(now)
+
+    def poll(self) -> list[Frame]:
+        """The frames whose deadline has passed (and any complete ones they held back)."""
+        with self._lock:
+            return self._take_ready(self._clock())
+
+    def flush(self) -> list[Frame]:
+        """Every open frame, incomplete or not: for shutdown."""
+        with self._lock:
+            return self._emit(len(self._open))
+
+    def next_deadline(self) -> float | None:
+        """The clock time at which the earliest open frame's deadline passes; ``None`` when no frame is open."""
+        with self._lock:
+            return min((frame.due for frame in self._open), default=None)
+
+    def _place(self, modality: str, timestamp: float, array: Any, now: float) -> str | None:
+        """Put the reading into its frame; returns why it was dropped, or ``None``."""
+        if not math.isfinite(timestamp):
+            return "non_finite"
+        if self._last_emitted is not None and timestamp <= self._last_emitted + self.window_s:
+            return "stale"
+        if timestamp < self._latest.get(modality, -math.inf):
+            return "out_of_order"
+        frame = self._frame_for(timestamp)
+        if frame is None:
+            frame = _OpenFrame(timestamp, now + self.deadline_s)
+            bisect.insort(self._open, frame, key=lambda open_frame: open_frame.timestamp)
+        elif modality in frame.readings:
+            return "duplicate"
+        frame.readings[modality] = array
+        self._latest[modality] = timestamp
+        return None
+
+    def _frame_for(self, timestamp: float) -> _OpenFrame | None:
+        """The open frame with the nearest first reading within the window (the older one on a tie)."""
+        candidates = [frame for frame in self._open if abs(timestamp - frame.timestamp) <= self.window_s]
+        return min(candidates, key=lambda frame: abs(timestamp - frame.timestamp), default=None)
+
+    def _take_ready(self, now: float) -> list[Frame]:
+        ready = [index for index, frame in enumerate(self._open)
+                 if now >= frame.due or len(frame.readings) == len(self.modalities)]
+        return self._emit(ready[-1] + 1) if ready else []
+
+    def _emit(self, count: int) -> list[Frame]:
+        leaving, self._open = self._open[:count], self._open[count:]
+        if leaving:
+            self._last_emitted = leaving[-1].timestamp
+        return [Frame(frame.timestamp, {name: frame.readings.get(name) for name in self.modalities})
+                for frame in leaving]
