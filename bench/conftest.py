@@ -1,16 +1,62 @@
-"""Fixtures for the benchmark suites: the reference model's engines, its PyTorch eager baseline, and real inputs.
+"""Fixtures for the benchmark suites: the reference model's engines, its PyTorch eager baseline, real inputs, and the
+target cases' shared state.
 
-Run: pytest bench/ --benchmark-json=RESULTS.json && python -m ume_edge.bench report RESULTS.json
+Run: pytest bench/ --benchmark-json=bench/out/RESULTS.json && python -m ume_edge.bench report bench/out/RESULTS.json
+
+Targets are measured and reported in every run; they fail the run only when ``-m`` selects target cases alone
+(``pytest bench/ -m target``).
 """
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+from _pytest.mark.expression import Expression
 
+from cases import LATENCY_KINDS, ROUNDS, TargetRun, case_name
 from ume_edge.data import load
+
+TARGETS_ASSERTED = pytest.StashKey[bool]()
+STANDALONE_MEDIANS = pytest.StashKey[dict]()
+TARGET_OUTCOMES = pytest.StashKey[list]()
+
+
+def targets_asserted(markexpr: str) -> bool:
+    """Whether a ``-m`` expression selects target cases and nothing else (``target``, ``target and not gpu``)."""
+    if not markexpr:
+        return False
+    expression = Expression.compile(markexpr)
+    return expression.evaluate(lambda name, **_: name == "target") and not expression.evaluate(lambda name, **_: False)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "target: asserts a performance target (ratios measured in the same run)")
+    config.addinivalue_line("markers", "target: a performance target (ratios measured in the same run); "
+                                       "asserted only under -m target")
+    config.stash[TARGETS_ASSERTED] = targets_asserted(config.option.markexpr)
+    config.stash[STANDALONE_MEDIANS] = {}
+    config.stash[TARGET_OUTCOMES] = []
+    results = config.getoption("benchmark_json", None)
+    if results:  # pytest-benchmark writes it only after the whole run, into a folder that must exist
+        Path(results).parent.mkdir(parents=True, exist_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    outcomes = config.stash.get(TARGET_OUTCOMES, [])
+    if not outcomes:
+        return
+    asserted = config.stash[TARGETS_ASSERTED]
+    terminalreporter.section("performance targets (asserted)" if asserted else
+                             "performance targets (reported; `pytest bench/ -m target` asserts them)")
+    for outcome in outcomes:
+        terminalreporter.write_line(outcome)
+
+
+@pytest.fixture
+def target_run(request, benchmark):
+    config = request.config
+    return TargetRun(benchmark, config.stash[STANDALONE_MEDIANS], config.stash[TARGETS_ASSERTED],
+                     block_s=float(config.getoption("benchmark_max_time")) / ROUNDS, outcomes=config.stash[TARGET_OUTCOMES])
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +86,7 @@ def torch_model():
 
     from ume_edge.model import load_reference
 
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     return load_reference()
 
 
@@ -51,10 +97,17 @@ def test_inputs():
 
 
 @pytest.fixture(autouse=True)
-def _p90(request):
-    """Add the 90th percentile to each benchmark's extra_info (pytest-benchmark's JSON stops at the quartiles)."""
+def _keep_stats(request):
+    """Add the 90th percentile to each benchmark's extra_info (pytest-benchmark's JSON stops at the quartiles), and
+    keep each latency case's median for the targets' cross-check."""
     yield
     benchmark = request.node.funcargs.get("benchmark")
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    if stats is not None and stats.data:
-        benchmark.extra_info["p90_s"] = float(np.percentile(stats.data, 90))
+    if stats is None or not stats.data:
+        return
+    info = benchmark.extra_info
+    info["p90_s"] = float(np.percentile(stats.data, 90))
+    if info.get("kind") in LATENCY_KINDS:
+        name = case_name(info["kind"], info["target"], info["backend"], info["precision"], info["batch"],
+                         info.get("model", "reference"))
+        request.config.stash[STANDALONE_MEDIANS][name] = float(stats.median)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cases import PATTERNS, batch_of, interleaved_medians, record
+from cases import PATTERNS, Check, Timed, batch_of, case_name, record
 from ume_edge.data import pattern_key
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -78,25 +78,26 @@ def test_memory_of_the_serving_process(benchmark, server, client, test_inputs, e
 
 
 @pytest.mark.target
-def test_batch1_grpc_overhead(benchmark, server, client, pipelines, test_inputs):
+def test_batch1_grpc_overhead(benchmark, target_run, server, client, pipelines, test_inputs):
     inputs = batch_of(test_inputs, 1)
-    served, local = interleaved_medians(_request(client, inputs), lambda: pipelines["int8"].infer(inputs))
-    overhead_ms = (served - local) * 1e3
-    record(benchmark, "target", f"grpc-overhead ({server.runtime})", server.runtime, "int8", 1,
-           overhead_ms=overhead_ms, served_ms=served * 1e3, in_process_ms=local * 1e3)
+    served, local = target_run.interleave(
+        Timed(case_name("served", "audio+image", server.runtime, "int8", 1), _request(client, inputs)),
+        Timed(case_name("pipeline", "audio+image", "onnxruntime", "int8", 1), lambda: pipelines["int8"].infer(inputs)))
     benchmark(_request(client, inputs))
-    assert overhead_ms <= 1.5, f"{server.runtime}: gRPC adds {overhead_ms:.2f} ms at batch 1 (target <= 1.5 ms)"
+    target_run.conclude(f"grpc-overhead ({server.runtime})", server.runtime, "int8", 1,
+                        Check("served - in-process latency (ms)", (served - local) * 1e3, "<=", 1.5),
+                        served_ms=served * 1e3, in_process_ms=local * 1e3)
 
 
 @pytest.mark.target
-def test_concurrency_scaling(benchmark, server):
+def test_concurrency_scaling(benchmark, target_run, server):
     from ume_edge.client import run_client
 
     def throughput(concurrency):
         return run_client(server.grpc_url, requests=600, concurrency=concurrency)["throughput_rps"]
 
     one, sixteen = throughput(1), throughput(16)
-    record(benchmark, "target", f"concurrency-16-vs-1 ({server.runtime})", server.runtime, "int8", 1,
-           ratio=sixteen / one, rps_at_1=one, rps_at_16=sixteen)
     benchmark.pedantic(lambda: time.sleep(0), rounds=1)
-    assert sixteen / one >= 4.0, f"{server.runtime}: concurrency 16 gives {sixteen / one:.2f}x concurrency 1 (target 4x)"
+    target_run.conclude(f"concurrency-16-vs-1 ({server.runtime})", server.runtime, "int8", 1,
+                        Check("throughput at concurrency 16 / at 1", sixteen / one, ">=", 4.0),
+                        rps_at_1=one, rps_at_16=sixteen)

@@ -1,5 +1,6 @@
-"""The build's performance targets, each a ratio of two cases timed alternately in the same run (this machine is
-shared and noisy: absolute times mean little, interleaved ratios hold).
+"""The build's performance targets, each a ratio of cases timed alternately in the same run (this machine is shared
+and noisy: absolute times mean little, interleaved ratios hold), each median cross-checked against the standalone
+benchmark of the same case.
 
 - INT8 ONNX Runtime, batch 64: throughput >= 2x fp32 ONNX Runtime and >= 5x PyTorch eager fp32.
 - Batch 1, every modality present: Pipeline.infer <= 0.3x the latency of PyTorch eager fp32.
@@ -8,9 +9,10 @@ shared and noisy: absolute times mean little, interleaved ratios hold).
 
 import pytest
 
-from cases import batch_of, interleaved_medians, record
+from cases import Check, Timed, batch_of, case_name
 
 pytestmark = pytest.mark.target
+EVERYTHING = "audio+image"
 
 
 def _torch_call(torch_model, inputs):
@@ -24,38 +26,46 @@ def _torch_call(torch_model, inputs):
     return run
 
 
-def test_int8_batch64_throughput(benchmark, pipelines, torch_model, test_inputs):
+def _pipeline(pipelines, precision, inputs, pattern, batch):
+    return Timed(case_name("pipeline", pattern, "onnxruntime", precision, batch),
+                 lambda: pipelines[precision].infer(inputs))
+
+
+def _eager(torch_model, inputs, batch):
+    return Timed(case_name("pipeline", EVERYTHING, "pytorch", "fp32", batch), _torch_call(torch_model, inputs))
+
+
+def test_int8_batch64_throughput(benchmark, target_run, pipelines, torch_model, test_inputs):
     inputs = batch_of(test_inputs, 64)
-    int8, fp32, eager = interleaved_medians(lambda: pipelines["int8"].infer(inputs),
-                                            lambda: pipelines["fp32"].infer(inputs), _torch_call(torch_model, inputs))
-    record(benchmark, "target", "int8-throughput-b64", "onnxruntime", "int8", 64,
-           vs_fp32=fp32 / int8, vs_pytorch=eager / int8)
+    int8, fp32, eager = target_run.interleave(_pipeline(pipelines, "int8", inputs, EVERYTHING, 64),
+                                              _pipeline(pipelines, "fp32", inputs, EVERYTHING, 64),
+                                              _eager(torch_model, inputs, 64))
     benchmark(pipelines["int8"].infer, inputs)
-    assert fp32 / int8 >= 2.0, f"INT8 is {fp32 / int8:.2f}x fp32 ONNX Runtime at batch 64 (target 2x)"
-    assert eager / int8 >= 5.0, f"INT8 is {eager / int8:.2f}x PyTorch eager fp32 at batch 64 (target 5x)"
+    target_run.conclude("int8-throughput-b64", "onnxruntime", "int8", 64,
+                        Check("throughput / fp32 ONNX Runtime", fp32 / int8, ">=", 2.0),
+                        Check("throughput / PyTorch eager fp32", eager / int8, ">=", 5.0))
 
 
-def test_batch1_latency_against_pytorch(benchmark, pipelines, torch_model, test_inputs):
+def test_batch1_latency_against_pytorch(benchmark, target_run, pipelines, torch_model, test_inputs):
     inputs = batch_of(test_inputs, 1)
-    int8, eager = interleaved_medians(lambda: pipelines["int8"].infer(inputs), _torch_call(torch_model, inputs))
-    record(benchmark, "target", "int8-latency-b1", "onnxruntime", "int8", 1, ratio_to_pytorch=int8 / eager)
+    int8, eager = target_run.interleave(_pipeline(pipelines, "int8", inputs, EVERYTHING, 1),
+                                        _eager(torch_model, inputs, 1))
     benchmark(pipelines["int8"].infer, inputs)
-    assert int8 / eager <= 0.3, f"batch-1 latency is {int8 / eager:.2f}x PyTorch eager fp32 (target <= 0.3x)"
+    target_run.conclude("int8-latency-b1", "onnxruntime", "int8", 1,
+                        Check("latency / PyTorch eager fp32", int8 / eager, "<=", 0.3))
 
 
 @pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize("present", ["audio", "image"])
-def test_absent_modality_costs_nothing(benchmark, pipelines, encoders, test_inputs, present, batch):
-    pipeline = pipelines["int8"]
+def test_absent_modality_costs_nothing(benchmark, target_run, pipelines, encoders, test_inputs, present, batch):
     full_inputs, partial_inputs = batch_of(test_inputs, batch), batch_of(test_inputs, batch, (present,))
-    engines = {n: (lambda n=n: encoders["int8"][n].infer({n: full_inputs[n]})) for n in ("audio", "image")}
-    full, partial, audio, image = interleaved_medians(lambda: pipeline.infer(full_inputs),
-                                                      lambda: pipeline.infer(partial_inputs),
-                                                      engines["audio"], engines["image"])
+    engines = [Timed(case_name("engine", n, "onnxruntime", "int8", batch),
+                     lambda n=n: encoders["int8"][n].infer({n: full_inputs[n]})) for n in ("audio", "image")]
+    full, partial, audio, image = target_run.interleave(_pipeline(pipelines, "int8", full_inputs, EVERYTHING, batch),
+                                                        _pipeline(pipelines, "int8", partial_inputs, present, batch),
+                                                        *engines)
     share = {"audio": audio, "image": image}[present] / (audio + image)
-    record(benchmark, "target", f"only-{present}-b{batch}", "onnxruntime", "int8", batch,
-           latency_fraction=partial / full, encoder_share=share)
-    benchmark(pipeline.infer, partial_inputs)
-    assert partial / full <= share + 0.10, (
-        f"only {present} present at batch {batch}: {partial / full:.2f} of the full latency, but its encoder is "
-        f"{share:.2f} of the encoder time (allowed {share + 0.10:.2f})")
+    benchmark(pipelines["int8"].infer, partial_inputs)
+    target_run.conclude(f"only-{present}-b{batch}", "onnxruntime", "int8", batch,
+                        Check(f"latency with only {present} / with every modality", partial / full, "<=", share + 0.10),
+                        encoder_share=share)

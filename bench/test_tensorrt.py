@@ -8,7 +8,7 @@ batch-1 pipeline latency <= 0.1 ms.
 import numpy as np
 import pytest
 
-from cases import batch_of, interleaved_medians, record
+from cases import Check, Timed, batch_of, case_name, record
 from ume_edge.backends import tensorrt
 
 pytestmark = [pytest.mark.skipif(not tensorrt.BACKEND.is_available(), reason="TensorRT and a CUDA GPU are required; none here"),
@@ -50,7 +50,7 @@ def test_tensorrt_pipeline(benchmark, plans, test_inputs, pattern, batch):
 
 
 @pytest.mark.target
-def test_h100_targets(benchmark, plans, torch_model, test_inputs):
+def test_h100_targets(benchmark, target_run, plans, torch_model, test_inputs):
     import torch
 
     gpu_model = torch_model.to("cuda").half()
@@ -62,11 +62,13 @@ def test_h100_targets(benchmark, plans, torch_model, test_inputs):
             gpu_model(feeds)
         torch.cuda.synchronize()
 
-    trt, eager = interleaved_medians(lambda: plans.infer(big), eager_fp16)
+    trt, eager = target_run.interleave(
+        Timed(case_name("pipeline", "audio+image", "tensorrt", "int8", MAX_BATCH), lambda: plans.infer(big)),
+        Timed(case_name("pipeline", "audio+image", "pytorch", "fp16", MAX_BATCH), eager_fp16))
     one = _inputs(test_inputs, 1)
-    batch1 = interleaved_medians(lambda: plans.infer(one))[0]
-    record(benchmark, "target", "tensorrt-h100", "tensorrt", "int8", MAX_BATCH, vs_pytorch_fp16=eager / trt,
-           batch1_ms=batch1 * 1e3)
+    batch1 = target_run.interleave(Timed(case_name("pipeline", "audio+image", "tensorrt", "int8", 1),
+                                         lambda: plans.infer(one)))[0]
     benchmark(plans.infer, big)
-    assert eager / trt >= 4.0, f"batch {MAX_BATCH}: {eager / trt:.2f}x PyTorch eager fp16 (target 4x)"
-    assert batch1 <= 1e-4, f"batch-1 pipeline takes {batch1 * 1e3:.3f} ms (target 0.1 ms)"
+    target_run.conclude("tensorrt-h100", "tensorrt", "int8", MAX_BATCH,
+                        Check("throughput / PyTorch eager fp16", eager / trt, ">=", 4.0),
+                        Check("batch-1 pipeline latency (ms)", batch1 * 1e3, "<=", 0.1))
