@@ -1,8 +1,10 @@
 """What every benchmark shares: the cases it sweeps, how it records them for `python -m ume_edge.bench report`, and
 how a target case times, cross-checks and judges its ratios."""
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,6 +19,9 @@ LATENCY_KINDS = ("engine", "pipeline", "served")
 # An interleaved median more than this factor away from the standalone median of the same case is a fault of the
 # measurement (another runtime's threads still spinning, a burst of load), not a result: the target is inconclusive.
 PLAUSIBLE_FACTOR = 2.0
+# Other processes' share of all CPUs while a target ran, above which its ratios say more about them than about
+# ume-edge (PyTorch's OpenMP threads, for one, wait for each other at every operator once a core is taken).
+BUSY_LIMIT = 0.25
 
 
 def batch_of(inputs, size, pattern=("audio", "image")):
@@ -56,6 +61,35 @@ def interleaved_medians(*fns, rounds=ROUNDS, block_s=0.05):
     return [float(np.median(s)) for s in samples]
 
 
+def _own_ticks(pid: int) -> int:
+    """CPU ticks a process and its descendants (servers, their stubs) have run, 0 for one that has exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        children = [int(child) for task in tasks for child in (task / "children").read_text().split()]
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12]) + sum(_own_ticks(child) for child in children)
+
+
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """(ticks of all CPUs, of those busy, of this process and its descendants) since boot; None without /proc."""
+    try:
+        counters = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return None
+    idle, iowait = counters[3], counters[4]
+    return sum(counters), sum(counters) - idle - iowait, _own_ticks(os.getpid())
+
+
+def others_share(start, end) -> float | None:
+    """Share of all CPUs that other processes (or the hypervisor) took between two ``cpu_ticks()``."""
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    total, busy, own = (e - s for e, s in zip(end, start))
+    return max(0.0, (busy - own) / total)
+
+
 @dataclass(frozen=True)
 class Timed:
     """A function a target times, and the ``case_name`` of the standalone benchmark that times the same work."""
@@ -78,7 +112,7 @@ class Check:
         return self.measured >= self.threshold if self.op == ">=" else self.measured <= self.threshold
 
     def describe(self) -> str:
-        return f"{self.what} {self.measured:.2f} (target {self.op} {self.threshold:.3g})"
+        return f"{self.what} {self.measured:.3g} (target {self.op} {self.threshold:.3g})"
 
     def as_record(self) -> dict:
         return {"what": self.what, "measured": self.measured, "op": self.op, "threshold": self.threshold,
@@ -87,8 +121,9 @@ class Check:
 
 class TargetRun:
     """One target case. It times its functions in alternating blocks, checks each median against the standalone
-    median of the same case, and records a verdict: met, missed, or inconclusive (an implausible measurement). The
-    verdict fails the test only when targets are asserted (``pytest bench/ -m target``)."""
+    median of the same case, watches what other processes take of the CPUs meanwhile, and records a verdict: met,
+    missed, or inconclusive (an implausible measurement, or a busy machine). The verdict fails the test only when
+    targets are asserted (``pytest bench/ -m target``)."""
 
     def __init__(self, benchmark, standalone_medians: dict[str, float], asserted: bool, block_s: float,
                  outcomes: list[str]):
@@ -98,6 +133,7 @@ class TargetRun:
         self.block_s = block_s
         self.outcomes = outcomes
         self.cross_checks: list[dict] = []
+        self.ticks_at_start = cpu_ticks()
 
     def interleave(self, *timed: Timed) -> list[float]:
         medians = interleaved_medians(*(t.call for t in timed), block_s=self.block_s)
@@ -115,14 +151,17 @@ class TargetRun:
                 "standalone_from": source, "plausible": factor <= PLAUSIBLE_FACTOR}
 
     def conclude(self, target, backend, precision, batch, *checks: Check, **measured):
-        implausible = [c for c in self.cross_checks if not c["plausible"]]
-        status = "inconclusive" if implausible else "met" if all(c.met for c in checks) else "missed"
+        busy = others_share(self.ticks_at_start, cpu_ticks())
+        faults = [f"{c['case']} took {c['interleaved_s'] * 1e3:.3f} ms interleaved against "
+                  f"{c['standalone_s'] * 1e3:.3f} ms standalone (more than {PLAUSIBLE_FACTOR:g}x apart)"
+                  for c in self.cross_checks if not c["plausible"]]
+        if busy is not None and busy > BUSY_LIMIT:
+            faults.append(f"other processes took {busy:.0%} of the CPUs meanwhile (more than {BUSY_LIMIT:.0%})")
+        status = "inconclusive" if faults else "met" if all(c.met for c in checks) else "missed"
         record(self.benchmark, "target", target, backend, precision, batch, status=status,
-               checks=[c.as_record() for c in checks], cross_checks=self.cross_checks, **measured)
-        outcome = f"{status}: {target}: " + "; ".join(c.describe() for c in checks)
-        outcome += "".join(f"; {c['case']} took {c['interleaved_s'] * 1e3:.3f} ms interleaved against "
-                           f"{c['standalone_s'] * 1e3:.3f} ms standalone (more than {PLAUSIBLE_FACTOR:g}x apart)"
-                           for c in implausible)
+               checks=[c.as_record() for c in checks], cross_checks=self.cross_checks, others_cpu_share=busy,
+               faults=faults, **measured)
+        outcome = f"{status}: {target}: " + "; ".join([c.describe() for c in checks] + faults)
         self.outcomes.append(outcome)
         if self.asserted and status != "met":
             pytest.fail(outcome, pytrace=False)

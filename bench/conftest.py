@@ -20,6 +20,7 @@ from ume_edge.data import load
 TARGETS_ASSERTED = pytest.StashKey[bool]()
 STANDALONE_MEDIANS = pytest.StashKey[dict]()
 TARGET_OUTCOMES = pytest.StashKey[list]()
+LOAD_AT_START = pytest.StashKey[float]()
 
 
 def targets_asserted(markexpr: str) -> bool:
@@ -36,9 +37,15 @@ def pytest_configure(config):
     config.stash[TARGETS_ASSERTED] = targets_asserted(config.option.markexpr)
     config.stash[STANDALONE_MEDIANS] = {}
     config.stash[TARGET_OUTCOMES] = []
+    config.stash[LOAD_AT_START] = os.getloadavg()[0]
     results = config.getoption("benchmark_json", None)
     if results:  # pytest-benchmark writes it only after the whole run, into a folder that must exist
         Path(results).parent.mkdir(parents=True, exist_ok=True)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Other processes' load, which slows and scatters every number, for the report to state."""
+    machine_info["load_average"] = {"start": config.stash[LOAD_AT_START], "end": os.getloadavg()[0]}
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -55,8 +62,9 @@ def pytest_terminal_summary(terminalreporter, config):
 @pytest.fixture
 def target_run(request, benchmark):
     config = request.config
-    return TargetRun(benchmark, config.stash[STANDALONE_MEDIANS], config.stash[TARGETS_ASSERTED],
-                     block_s=float(config.getoption("benchmark_max_time")) / ROUNDS, outcomes=config.stash[TARGET_OUTCOMES])
+    block_s = float(config.getoption("benchmark_max_time")) / ROUNDS
+    return TargetRun(benchmark, config.stash[STANDALONE_MEDIANS], config.stash[TARGETS_ASSERTED], block_s,
+                     config.stash[TARGET_OUTCOMES])
 
 
 @pytest.fixture(scope="session")
