@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _pytest.mark.expression import Expression
+from _pytest.mark.expression import Expression  # pytest's own -m parser; it has no public name
 
 from cases import LATENCY_KINDS, ROUNDS, TargetRun, case_name
 from ume_edge.data import load
@@ -20,7 +20,7 @@ from ume_edge.data import load
 TARGETS_ASSERTED = pytest.StashKey[bool]()
 STANDALONE_MEDIANS = pytest.StashKey[dict]()
 TARGET_OUTCOMES = pytest.StashKey[list]()
-LOAD_AT_START = pytest.StashKey[float]()
+LOAD_BEFORE = pytest.StashKey[float]()
 
 
 def targets_asserted(markexpr: str) -> bool:
@@ -37,15 +37,15 @@ def pytest_configure(config):
     config.stash[TARGETS_ASSERTED] = targets_asserted(config.option.markexpr)
     config.stash[STANDALONE_MEDIANS] = {}
     config.stash[TARGET_OUTCOMES] = []
-    config.stash[LOAD_AT_START] = os.getloadavg()[0]
+    config.stash[LOAD_BEFORE] = os.getloadavg()[0]
     results = config.getoption("benchmark_json", None)
     if results:  # pytest-benchmark writes it only after the whole run, into a folder that must exist
         Path(results).parent.mkdir(parents=True, exist_ok=True)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    """Other processes' load, which slows and scatters every number, for the report to state."""
-    machine_info["load_average"] = {"start": config.stash[LOAD_AT_START], "end": os.getloadavg()[0]}
+    """The load other processes put on the machine before the run, which slows and scatters every number."""
+    machine_info["load_average_before"] = config.stash[LOAD_BEFORE]
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -61,6 +61,7 @@ def pytest_terminal_summary(terminalreporter, config):
 
 @pytest.fixture
 def target_run(request, benchmark):
+    """A target case's timing and verdict; each alternating block lasts --benchmark-max-time / ROUNDS."""
     config = request.config
     block_s = float(config.getoption("benchmark_max_time")) / ROUNDS
     return TargetRun(benchmark, config.stash[STANDALONE_MEDIANS], config.stash[TARGETS_ASSERTED], block_s,

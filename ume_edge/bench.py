@@ -237,10 +237,10 @@ def machine_line(machine: dict) -> str:
     cpu = machine.get("cpu", {})
     line = (f"{cpu.get('brand_raw', machine.get('processor', 'unknown CPU'))}, {cpu.get('count', '?')} logical cores, "
             f"{machine.get('system', '')} {machine.get('release', '')}, Python {machine.get('python_version', '?')}")
-    load = machine.get("load_average")
-    if load:
-        line += (f"; 1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end "
-                 "(other processes' load slows and scatters every number)")
+    load = machine.get("load_average_before")
+    if load is not None:
+        line += (f"; 1-minute load average before the run {load:.1f} (other processes: the closer to the number of "
+                 "cores, the slower and more scattered every number)")
     return line
 
 
