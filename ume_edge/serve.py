@@ -79,10 +79,12 @@ def banner(options: ServeOptions, models: list[str], log: Path | None) -> str:
     bound = listening_addresses(list(e.ports().values()))
     lines = [f"ume-edge serving {options.repository or options.engines} ({options.runtime})"]
     for kind, port in e.ports().items():
-        where = ", ".join(f"{address}:{port}" for address in bound[port]) or f"{e.host}:{port}"
+        addresses = bound[port] or [e.host]
+        where = ", ".join(f"{address}:{port}" for address in addresses)
         scheme = {"HTTP": "http://", "metrics": "http://"}.get(kind, "")
         suffix = "/metrics" if kind == "metrics" else (" (TLS)" if kind == "gRPC" and options.tls else "")
-        lines.append(f"  {kind:<8} {scheme}{where}{suffix}")
+        wildcard = " (every interface)" if set(addresses) & {"0.0.0.0", "[::]"} else ""
+        lines.append(f"  {kind:<8} {scheme}{where}{suffix}{wildcard}")
     lines += [f"  models   {', '.join(models)}", f"  log      {log if log else 'above (--verbose)'}", READY_LINE]
     return "\n".join(lines)
 

@@ -23,12 +23,13 @@ GRACE_S = 2.0
 
 
 def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None if it is gone."""
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None if it is gone
+    (a zombie, which has ended and only waits for its parent to collect it, counts as gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def descendants(pid: int) -> list[int]:
