@@ -23,11 +23,9 @@ RUNTIMES = ("pytriton", "python-backend")
 @pytest.fixture(scope="module", params=RUNTIMES)
 def server(request, engine_dirs):
     from ume_edge.serve import ServeProcess
-    from ume_edge.tritonserver import free_ports
+    from ume_edge.serving.process import Endpoints, free_ports
 
-    grpc_port, http_port, metrics_port = free_ports(3)
-    process = ServeProcess(engine_dirs["int8"], runtime=request.param, grpc_port=grpc_port, http_port=http_port,
-                           metrics_port=metrics_port)
+    process = ServeProcess(engine_dirs["int8"], Endpoints("127.0.0.1", *free_ports(3)), runtime=request.param)
     process.start(timeout_s=180)
     yield process
     process.stop(signal.SIGTERM)

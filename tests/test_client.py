@@ -17,7 +17,7 @@ from ume_edge.client import (DEFAULT_MAX_FAILURES, MAX_LOST_SAMPLES, SensorModel
                              main, parse_modality_values, run_client)
 from ume_edge.data import pattern_key, presence_patterns
 from ume_edge.serve import ServeProcess
-from ume_edge.tritonserver import free_ports
+from ume_edge.serving.process import Endpoints, free_ports
 
 MODALITIES = ["audio", "image"]
 
@@ -97,7 +97,7 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     entries = capsys.readouterr().out.split("options:")[1].split("\n  -")[1:]
-    assert len(entries) == 16 and any(entry.startswith("-max-failures") for entry in entries)
+    assert len(entries) == 18 and any(entry.startswith("-max-failures") for entry in entries)
     for entry in entries:
         assert entry.startswith("h, --help") or "default" in entry, entry
 
@@ -206,8 +206,7 @@ def test_max_failures_0_never_stops(fake_triton, capsys):
 @pytest.fixture(scope="module")
 def server(int8_engines):
     pytest.importorskip("pytriton")  # ships the tritonserver binary
-    grpc_port, http_port, metrics_port = free_ports(3)
-    process = ServeProcess(int8_engines, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
+    process = ServeProcess(int8_engines, Endpoints("127.0.0.1", *free_ports(3)))
     process.start(timeout_s=180)
     yield process
     assert process.stop(signal.SIGTERM) == 0, process.log_tail()
@@ -248,6 +247,21 @@ def test_command_line_prints_the_report(server):
     assert result.returncode == 0, result.stderr
     assert "50/50 answered" in result.stdout and "p99" in result.stdout
     assert "[" in result.stderr and "50/50 requests" in result.stderr  # the progress bar
+    assert "server (entry-model metrics)" not in result.stdout  # --url's host has no metrics on port 8002 here
+
+
+@pytest.mark.triton
+def test_the_mask_changes_batching_not_answers_and_the_server_counts_it(server):
+    plain, masked = (run_client(url=server.grpc_url, drop={"image": 0.4, "audio": 0.4}, concurrency=8, requests=200,
+                                seed=7, send_mask=mask, metrics_url=server.metrics_url) for mask in (False, True))
+    assert masked["errors"] == plain["errors"] == 0
+    assert masked["per_pattern"] == plain["per_pattern"]
+    for summary in (plain, masked):
+        counted = summary["server"]["per_pattern"]
+        assert {key: row["requests"] for key, row in counted.items()} == \
+            {key: row["count"] for key, row in summary["per_pattern"].items()}
+        assert summary["server"]["rows_per_batch"] >= 1.0
+    assert "pipeline calls:" in format_report(masked)
 
 
 def test_command_line_explains_an_unreachable_server():

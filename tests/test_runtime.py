@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
-from ume_edge.errors import BackendUnavailable, EngineMismatch, InputError
+from ume_edge.errors import BackendUnavailable, EngineMismatch, InputError, UmeEdgeError
 from ume_edge.fusion import softmax
 from ume_edge.runtime import Pipeline
 
@@ -76,8 +76,14 @@ def _bad_inputs(batch):
         ({"image": np.zeros((65, 1, 28, 28), np.float32)}, None, "above the built maximum 64"),
         ({"image": batch["image"], "audio": batch["audio"][:4]}, None, "batch sizes differ"),
         (batch, {"image": np.zeros(8, bool), "audio": np.arange(8) < 4}, r"rows \[4, 5, 6, 7\] have no modality"),
-        (batch, {"image": np.ones(3, bool)}, r"present\['image'\] must be a bool array of shape \(8,\)"),
-        ({"image": batch["image"].tolist()}, None, "expected a numpy array"),
+        (batch, {"image": np.ones(3, bool)}, r"present\['image'\] must be a bool numpy array of shape \(8,\)"),
+        (batch, {"image": [True] * 8}, r"present\['image'\] must be a bool numpy array"),
+        (batch, np.ones((8, 2), bool), "present must be a dict"),
+        ({"image": batch["image"].tolist()}, None, "expected a plain numpy array, got list"),
+        ({"image": np.ma.masked_array(nan, mask=np.isnan(nan))}, None, "expected a plain numpy array, got "
+                                                                        "MaskedArray"),
+        ({0: batch["image"]}, None, "unknown modality 0"),
+        ({("image",): batch["image"]}, None, r"unknown modality \('image',\)"),
     ]
 
 
@@ -140,3 +146,25 @@ def test_refuses_an_export_only_directory(copy_of):
     _edit_manifest(copy_of, lambda m: m.update(export_only=True))
     with pytest.raises(EngineMismatch, match="export-only"):
         Pipeline.load(copy_of)
+
+
+def test_an_engine_failure_is_an_ume_edge_error_naming_the_modality(pipeline, batch, monkeypatch):
+    original = OnnxRuntimeEngine.infer
+
+    def failing(engine, feeds):
+        if "audio" in feeds:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory")
+        return original(engine, feeds)
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "infer", failing)
+    with pytest.raises(UmeEdgeError, match="modality 'audio': its engine failed on 8 row.*out of memory"):
+        pipeline.infer(batch)
+    assert pipeline.infer({"image": batch["image"]}).logits.shape == (8, 10)
+
+
+def test_a_closed_pipeline_says_so_and_with_closes(int8_engines, batch):
+    with Pipeline.load(int8_engines) as pipeline:
+        pipeline.infer(batch)
+    with pytest.raises(UmeEdgeError, match="closed"):
+        pipeline.infer(batch)
+    pipeline.close()

@@ -1,5 +1,5 @@
-"""``python -m ume_edge.serve`` answered over gRPC, for both runtimes (PyTriton, and generated Python-backend models
-on the standalone tritonserver); both run the real tritonserver from the nvidia-pytriton wheel.
+"""``python -m ume_edge.serve`` answered over gRPC, for both runtimes (generated Python-backend models on the
+standalone tritonserver, the default, and PyTriton); both run the real tritonserver from the nvidia-pytriton wheel.
 
 One server per runtime starts for the module (with a 2 ms batching delay so concurrent requests reliably share
 batches) and is stopped with SIGTERM at the end, which must exit cleanly.
@@ -21,8 +21,11 @@ from ume_edge.client import grpc_inputs
 from ume_edge.data import presence_patterns
 from ume_edge.errors import InputError
 from ume_edge.runtime import Pipeline
-from ume_edge.serve import RUNTIMES, Rejected, ServeProcess, _to_pytriton, answer_requests
-from ume_edge.tritonserver import free_ports
+from ume_edge.serve import RUNTIMES, ServeProcess
+from ume_edge.serving import metrics
+from ume_edge.serving.batching import Rejected, answer_requests
+from ume_edge.serving.process import Endpoints, free_ports
+from ume_edge.serving.pytriton import unanswered
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
@@ -38,9 +41,8 @@ def pipeline(int8_engines):
 @pytest.fixture(scope="module", params=RUNTIMES)
 def server(int8_engines, request):
     pytest.importorskip("pytriton")  # ships the tritonserver binary
-    grpc_port, http_port, metrics_port = free_ports(3)
-    process = ServeProcess(int8_engines, runtime=request.param, grpc_port=grpc_port, http_port=http_port,
-                           metrics_port=metrics_port, max_queue_delay_us=2000, keep_log=True)
+    process = ServeProcess(int8_engines, Endpoints("127.0.0.1", *free_ports(3)), runtime=request.param,
+                           max_queue_delay_us=2000, keep_log=True)
     process.start(timeout_s=180)
     yield process
     code = process.stop(signal.SIGTERM)
@@ -92,7 +94,8 @@ def _metric_reaching(server, name, model, target, timeout_s=10.0):
 
 
 def test_serving_modules_do_not_import_torch():
-    code = ("import sys\nimport ume_edge.serve, ume_edge.client, ume_edge.triton_repo, ume_edge.tritonserver\n"
+    code = ("import sys\nimport ume_edge.serve, ume_edge.client, ume_edge.triton_repo, ume_edge.sync\n"
+            "import ume_edge.serving.python_backend, ume_edge.serving.pytriton, ume_edge.serving.watchdog\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -101,15 +104,19 @@ def test_serving_modules_do_not_import_torch():
 def test_help_describes_the_options():
     result = subprocess.run([sys.executable, "-m", "ume_edge.serve", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for option in ("--engines", "--grpc-port", "--http-port", "--metrics-port", "--max-queue-delay-us"):
+    for option in ("--engines", "--repository", "--host", "--grpc-port", "--http-port", "--metrics-port",
+                   "--max-queue-delay-us", "--grpc-server-cert", "--runtime", "--verbose"):
         assert option in result.stdout
+    text = "".join(result.stdout.split())  # argparse wraps lines, inside words too
+    assert "(default:127.0.0.1)" in text and "(default:python-backend)" in text
 
 
 @pytest.mark.triton
 def test_model_metadata_follows_the_manifest(client, pipeline):
     metadata = client.get_model_metadata("ume", as_json=True)
     inputs = {tensor["name"]: tensor for tensor in metadata["inputs"]}
-    assert list(inputs) == [spec.name for spec in pipeline.modalities]
+    assert list(inputs) == [spec.name for spec in pipeline.modalities] + ["present"]
+    assert inputs["present"]["datatype"] == "BOOL" and inputs["present"]["shape"] == ["-1", "2"]
     for spec in pipeline.modalities:
         assert inputs[spec.name]["shape"] == ["-1", *map(str, spec.shape)]
     assert {tensor["name"] for tensor in metadata["outputs"]} == {"logits", "probs", "label"}
@@ -211,10 +218,12 @@ def test_mixed_patterns_are_answered_by_one_pipeline_call(pipeline, samples, mon
     assert "NaN" in answers[3].message and "no modality" in answers[4].message and "video" in answers[5].message
 
 
-def test_without_the_proxy_hook_a_bad_request_fails_its_batch_naming_the_problem():
-    with pytest.raises(InputError, match="holds NaN"):
-        _to_pytriton([{"logits": np.zeros((1, 10))}, Rejected("input 'image' holds NaN")], per_request_errors=False)
-    assert "__ume_error__" in _to_pytriton([Rejected("bad")], per_request_errors=True)[0]
+def test_pytriton_fails_a_batch_naming_each_refused_request():
+    with pytest.raises(InputError, match="request 2 of 3: input 'image' holds NaN; request 3 of 3: no modality"):
+        unanswered([{"logits": np.zeros((1, 10))}, Rejected("input 'image' holds NaN", "nan"),
+                    Rejected("no modality", "no_modality")])
+    answers = [{"logits": np.zeros((1, 10))}]
+    assert unanswered(answers) is answers
 
 
 def _bad_requests(samples, max_batch):
@@ -242,6 +251,7 @@ def test_each_bad_request_gets_an_error_naming_it_and_the_server_stays_up(client
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("server", ["python-backend"], indirect=True)  # PyTriton fails the batch (test above)
 def test_a_bad_request_fails_alone_in_a_shared_batch(server, pipeline, samples):
     bad = samples["image"][:2].copy()
     bad[0, 0, 0, 0] = np.inf
@@ -266,9 +276,13 @@ def test_encoder_model_rejects_nan_alone(server, pipeline, samples):
             ("ume_image", {"image": samples["image"][2:3]})]
     answers = _concurrent(server, jobs)
     assert "nan" in str(answers[1][1]).lower()
+    if server.runtime == "pytriton":  # no per-request error: the batch it shared fails, naming the request
+        assert "request" in str(answers[1][1])
+        return
     assert answers[0][1] is None and answers[2][1] is None
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_load_16_clients_random_patterns_nothing_lost(server, pipeline, avdigits_test):
     """16 concurrent clients x 1,000 batch-1 requests with random presence patterns: every answer arrives and equals
@@ -298,16 +312,60 @@ def test_load_16_clients_random_patterns_nothing_lost(server, pipeline, avdigits
 
 
 @pytest.mark.triton
+def test_a_present_mask_lets_every_pattern_share_a_batch(server, pipeline, samples):
+    names = pipeline.modality_names
+    rng = np.random.default_rng(3)
+    masks = [rng.random((1 + i % 3, len(names))) < 0.6 for i in range(24)]
+    for mask in masks:
+        mask[~mask.any(axis=1), rng.integers(len(names))] = True
+    jobs = [("ume", {**{name: samples[name][i:i + len(mask)] * mask[:, [j]][:, :, None, None]
+                        for j, name in enumerate(names)}, "present": mask}) for i, mask in enumerate(masks)]
+    before = _metric(server, "nv_inference_exec_count", "ume")
+    for (_, arrays), (result, error), mask in zip(jobs, _concurrent(server, jobs), masks):
+        assert error is None, error
+        for row, present in enumerate(mask):
+            expected = _reference(pipeline, {name: arrays[name][row:row + 1] for j, name in enumerate(names)
+                                             if present[j]})
+            np.testing.assert_allclose(result.as_numpy("logits")[row:row + 1], expected.logits, atol=ATOL)
+    assert _metric(server, "nv_inference_exec_count", "ume") - before < len(jobs) / 2  # mixed patterns, shared batches
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("server", ["python-backend"], indirect=True)  # metrics need the Python backend's API
+def test_metrics_count_requests_rows_and_refusals_by_pattern(server, samples):
+    nan = samples["image"][:1].copy()
+    nan[0, 0, 0, 0] = np.nan
+    before = metrics.parse(urllib.request.urlopen(server.metrics_url, timeout=5).read().decode())
+    with grpcclient.InferenceServerClient(server.grpc_url) as connection:
+        for arrays in ({"audio": samples["audio"][:3]}, {"audio": samples["audio"][:1]},
+                       {"audio": samples["audio"][:2], "image": samples["image"][:2]}):
+            connection.infer("ume", grpc_inputs(arrays))
+        mixed = np.array([[True, False], [False, True], [True, True]])
+        connection.infer("ume", grpc_inputs({"audio": samples["audio"][:3], "image": samples["image"][:3],
+                                             "present": mixed}))
+        with pytest.raises(Exception, match="NaN"):
+            connection.infer("ume", grpc_inputs({"image": nan}))
+    after = metrics.parse(urllib.request.urlopen(server.metrics_url, timeout=5).read().decode())
+    counted = metrics.difference(after, before)
+    assert metrics.by_label(counted, metrics.REQUESTS, "pattern") == {"audio": 3, "audio+image": 2, "image": 1}
+    assert metrics.by_label(counted, metrics.ROWS, "pattern") == {"audio": 5, "audio+image": 3, "image": 1}
+    assert metrics.by_label(counted, metrics.REJECTED, "reason").get("nan") == 1
+    assert all(v > 0 for v in metrics.by_label(counted, metrics.DURATION, "pattern").values())
+    assert metrics.total(counted, metrics.BATCH_ROWS) == 9 + 1  # the NaN request reached the pipeline too
+    assert metrics.total(counted, metrics.BATCHES) == 5
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_sigint_stops_the_server_cleanly(int8_engines, runtime):
     pytest.importorskip("pytriton")  # ships the tritonserver binary
-    grpc_port, http_port, metrics_port = free_ports(3)
-    process = ServeProcess(int8_engines, runtime=runtime, grpc_port=grpc_port, http_port=http_port,
-                           metrics_port=metrics_port, keep_log=True)
+    endpoints = Endpoints("127.0.0.1", *free_ports(3))
+    process = ServeProcess(int8_engines, endpoints, runtime=runtime, keep_log=True)
     process.start(timeout_s=180)
     try:
         banner = process.log()
-        assert f"localhost:{grpc_port}" in banner and f"http://localhost:{http_port}" in banner
+        assert f"gRPC     127.0.0.1:{endpoints.grpc_port}" in banner
+        assert f"http://127.0.0.1:{endpoints.http_port}" in banner
     finally:
         code = process.stop(signal.SIGINT)
     assert code == 0, process.log_tail()

@@ -11,7 +11,7 @@ from ume_edge.client import grpc_inputs
 from ume_edge.serving import repository
 from ume_edge.data import presence_patterns
 from ume_edge.runtime import Pipeline
-from ume_edge.tritonserver import TritonServer, free_ports
+from ume_edge.serving.process import Endpoints, TritonServer, free_ports
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -128,8 +128,7 @@ def standalone(int8_engines, tmp_path_factory):
     pytest.importorskip("pytriton")  # ships the tritonserver binary
     folder = tmp_path_factory.mktemp("triton_models")
     repository.write_repository(int8_engines, folder, encoder_backend="python", max_queue_delay_us=2000)
-    grpc_port, http_port, metrics_port = free_ports(3)
-    with TritonServer(folder, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port) as server:
+    with TritonServer(folder, Endpoints("127.0.0.1", *free_ports(3))) as server:
         yield server
 
 
@@ -211,8 +210,7 @@ def test_start_fails_with_the_server_log_for_a_broken_repository(tmp_path):
     (broken / "1").mkdir(parents=True)
     (broken / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 1\n')
     (broken / "1" / "model.py").write_text("raise RuntimeError('this model cannot load')\n")
-    grpc_port, http_port, metrics_port = free_ports(3)
-    server = TritonServer(tmp_path / "repo", grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
+    server = TritonServer(tmp_path / "repo", Endpoints("127.0.0.1", *free_ports(3)))
     with pytest.raises(Exception) as raised:
         server.start(timeout_s=60)
     assert "this model cannot load" in str(raised.value)

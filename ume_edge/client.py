@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ume_edge.constants import DEFAULT_METRICS_PORT, PRESENT
 from ume_edge.data import load, pattern_key
+from ume_edge.serving import metrics
 from ume_edge.sync import Frame, SensorSync
 
 DEFAULT_JITTER_MS = {"audio": 8.0, "image": 3.0}
@@ -245,14 +247,23 @@ def grpc_inputs(arrays: dict[str, np.ndarray], datatypes: dict[str, str] | None 
     return tensors
 
 
-def _request_inputs(inputs: dict[str, np.ndarray], request: Request, datatypes: dict[str, str]) -> list:
-    return grpc_inputs({name: inputs[name][request.sample: request.sample + 1] for name in request.present},
-                       datatypes)
+def _request_inputs(inputs: dict[str, np.ndarray], request: Request, datatypes: dict[str, str],
+                    send_mask: bool = False) -> list:
+    """The request's present modalities; with ``send_mask``, every modality (zeros where absent) and the ``present``
+    mask, so that the server can batch requests of every presence pattern together."""
+    if not send_mask:
+        return grpc_inputs({name: inputs[name][request.sample: request.sample + 1] for name in request.present},
+                           datatypes)
+    order = [name for name in datatypes if name != PRESENT]
+    arrays = {name: (inputs[name][request.sample: request.sample + 1] if name in request.present
+                     else np.zeros_like(inputs[name][:1])) for name in order}
+    arrays[PRESENT] = np.array([[name in request.present for name in order]])
+    return grpc_inputs(arrays, datatypes)
 
 
 def stream(url: str, model: str, inputs: dict[str, np.ndarray], requests: list[Request], *, concurrency: int,
            rate: float | None, timeout_s: float, max_failures: int = DEFAULT_MAX_FAILURES,
-           progress: bool = False) -> StreamResult:
+           progress: bool = False, send_mask: bool = False) -> StreamResult:
     """Send the requests, at most ``concurrency`` in flight, each call limited to ``timeout_s``; stop sending after
     ``max_failures`` failed requests in a row (0: never)."""
     import tritonclient.grpc as grpcclient
@@ -263,6 +274,8 @@ def stream(url: str, model: str, inputs: dict[str, np.ndarray], requests: list[R
         missing = [name for request in requests for name in request.present if name not in datatypes][:1]
         if missing:
             raise ValueError(f"model {model!r} at {url} has no input {missing[0]!r} (it has {', '.join(datatypes)})")
+        if send_mask and PRESENT not in datatypes:
+            raise ValueError(f"model {model!r} at {url} takes no {PRESENT!r} mask; drop --send-mask")
         outputs = [grpcclient.InferRequestedOutput("label")]
         slots = threading.Semaphore(concurrency)
         tally = _Tally(max_failures)
@@ -272,7 +285,7 @@ def stream(url: str, model: str, inputs: dict[str, np.ndarray], requests: list[R
         for request in requests:
             if rate:
                 _sleep_until(start + request.send_at_s)
-            request_inputs = _request_inputs(inputs, request, datatypes)
+            request_inputs = _request_inputs(inputs, request, datatypes, send_mask)
             slots.acquire()
             if tally.gave_up:
                 break
@@ -395,7 +408,53 @@ def format_report(summary: dict) -> str:
     lines += [f"error: {message}" for message in summary["error_examples"]]
     if summary["stopped"]:
         lines.append(summary["stopped"])
+    if summary.get("server"):
+        lines += ["", *format_server_figures(summary["server"])]
     return "\n".join(lines)
+
+
+def scrape(metrics_url: str | None, timeout_s: float) -> dict | None:
+    """The server's ``ume_*`` counters now, or None when there is no metrics URL or it does not answer."""
+    if not metrics_url:
+        return None
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
+            return metrics.parse(response.read().decode())
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def server_figures(before: dict | None, after: dict | None) -> dict | None:
+    """What the server's entry model counted during the run, per presence pattern, from its metrics."""
+    if before is None or after is None:
+        return None
+    counted = metrics.difference(after, before)
+    requests = metrics.by_label(counted, metrics.REQUESTS, "pattern")
+    rows = metrics.by_label(counted, metrics.ROWS, "pattern")
+    duration = metrics.by_label(counted, metrics.DURATION, "pattern")
+    batches = metrics.total(counted, metrics.BATCHES)
+    return {"per_pattern": {key: {"requests": int(n), "rows": int(rows.get(key, 0)),
+                                  "mean_ms": duration.get(key, 0.0) / n / 1e3 if n else None}
+                            for key, n in sorted(requests.items()) if n},
+            "rejected": {reason: int(n) for reason, n in metrics.by_label(counted, metrics.REJECTED, "reason").items()
+                         if n},
+            "batches": int(batches),
+            "rows_per_batch": metrics.total(counted, metrics.BATCH_ROWS) / batches if batches else None}
+
+
+def format_server_figures(figures: dict) -> list[str]:
+    lines = ["server (entry-model metrics):", f"{'pattern':<24}{'requests':>10}{'rows':>8}{'mean ms':>10}"]
+    for key, row in figures["per_pattern"].items():
+        mean = "-" if row["mean_ms"] is None else f"{row['mean_ms']:.3f}"
+        lines.append(f"{key:<24}{row['requests']:>10}{row['rows']:>8}{mean:>10}")
+    if figures["rows_per_batch"] is not None:
+        lines.append(f"pipeline calls: {figures['batches']}, {figures['rows_per_batch']:.2f} rows each on average")
+    if figures["rejected"]:
+        lines.append(f"refused: {figures['rejected']}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,7 +466,8 @@ def run_client(url: str = "localhost:8001", model: str = "ume", dataset: str = "
                deadline_ms: float | None = None, requests: int | None = None, seed: int = 0,
                jitter_ms: dict[str, float] | None = None, timeout_s: float = 30.0,
                max_failures: int = DEFAULT_MAX_FAILURES, progress: bool = False,
-               json_out: str | Path | None = None) -> dict:
+               json_out: str | Path | None = None, send_mask: bool = False,
+               metrics_url: str | None = None) -> dict:
     """Replay ``dataset``/``split`` against ``model`` at ``url`` and return the summary dict."""
     if concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
@@ -422,14 +482,17 @@ def run_client(url: str = "localhost:8001", model: str = "ume", dataset: str = "
     samples = len(next(iter(inputs.values())))
     replay = SensorReplay(sensors, samples, np.random.default_rng(seed), 1.0 / rate if rate else UNPACED_PERIOD_S)
     scheduled = replay.requests(samples if requests is None else requests)
+    before = scrape(metrics_url, timeout_s)
     result = stream(url, model, inputs, scheduled, concurrency=concurrency, rate=rate, timeout_s=timeout_s,
-                    max_failures=max_failures, progress=progress)
+                    max_failures=max_failures, progress=progress, send_mask=send_mask)
     summary = summarize(result, labels)
+    summary["server"] = server_figures(before, scrape(metrics_url, timeout_s))
     summary["sync_dropped"] = replay.sync.dropped
     summary["settings"] = {"url": url, "model": model, "dataset": dataset, "split": split, "drop": drop or {},
                            "jitter_ms": {name: sensors.mean_delay_ms(name) for name in sensors.modalities},
                            "rate": rate, "concurrency": concurrency, "deadline_ms": sensors.deadline_ms,
-                           "seed": seed, "timeout_s": timeout_s, "max_failures": max_failures}
+                           "seed": seed, "timeout_s": timeout_s, "max_failures": max_failures,
+                           "send_mask": send_mask, "metrics_url": metrics_url}
     if json_out:
         Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -470,7 +533,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", dest="json_out", default=None,
                         help="also write the summary as JSON to this file (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on stderr)")
+    parser.add_argument("--send-mask", action="store_true",
+                        help="send every modality (zeros where absent) and the 'present' mask, so that the server "
+                             "batches requests of every presence pattern together (default: absent modalities are "
+                             "left out of the request)")
+    parser.add_argument("--metrics-url", default=None,
+                        help="the server's metrics endpoint, to print what its entry model counted per presence "
+                             "pattern (default: http://<host of --url>:8002/metrics; 'none' to skip)")
     return parser.parse_args(argv)
+
+
+def default_metrics_url(url: str, given: str | None) -> str | None:
+    if given is not None:
+        return None if given == "none" else given
+    host = url.rsplit(":", 1)[0]
+    return f"http://{host}:{DEFAULT_METRICS_PORT}/metrics"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             deadline_ms=args.deadline_ms, requests=args.requests, seed=args.seed,
             jitter_ms=parse_modality_values(args.jitter_ms, "--jitter-ms"), timeout_s=args.timeout_s,
             max_failures=args.max_failures, progress=not args.no_progress, json_out=args.json_out,
+            send_mask=args.send_mask, metrics_url=default_metrics_url(args.url, args.metrics_url),
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -28,6 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ume_edge.backends import NAMES as BACKEND_NAMES
 from ume_edge.constants import INPUT_DTYPES, LOGITS, PARTIAL_LOGITS, PRECISIONS, PRESENT, PROBS
 from ume_edge.errors import BuildError, EngineMismatch
 
@@ -211,8 +212,14 @@ def _check_values(manifest: Manifest) -> None:
     """What the types cannot say: allowed words, sizes that agree with each other."""
     problems = []
     model, fusion, names = manifest.model, manifest.fusion, manifest.modality_names
+    if manifest.backend not in BACKEND_NAMES:
+        problems.append(f"backend: {manifest.backend!r} is not one this ume-edge knows ({', '.join(BACKEND_NAMES)})")
     if manifest.precision not in PRECISIONS:
         problems.append(f"precision: {manifest.precision!r} is not one of {', '.join(PRECISIONS)}")
+    missing = [where for where, record in [*((f"modalities[{m.name}].engine", m.engine) for m in manifest.modalities),
+                                           ("fusion.engine", fusion.engine)] if record is None]
+    if missing and not manifest.export_only:
+        problems.append(f"{', '.join(missing)}: no engine file, yet export_only is false")
     if manifest.max_batch < 1:
         problems.append(f"max_batch: {manifest.max_batch} is below 1")
     if model.num_classes < 1 or len(model.class_names) != model.num_classes:
@@ -400,9 +407,13 @@ def _check_fusion_graph(path: Path, where: str, fusion: FusionRecord, num_classe
 # the format reference (docs/ENGINE_FORMAT.md is generated from it)
 
 
+def _markdown(text: str) -> str:
+    return text.replace("``", "`").replace("|", "\\|")
+
+
 def _type_text(tp) -> str:
     text = str(tp).replace("ume_edge.engine_dir.", "").replace("typing.", "")
-    return text.replace("<class '", "").replace("'>", "")
+    return _markdown(text.replace("<class '", "").replace("'>", ""))
 
 
 def format_reference() -> str:
@@ -410,9 +421,10 @@ def format_reference() -> str:
     lines = []
     for cls in (Manifest, ModelRecord, ModalityRecord, FusionRecord, FileRecord):
         hints = typing.get_type_hints(cls)
-        lines += [f"### `{cls.__name__}`", "", cls.__doc__.strip(), "", "| field | type | meaning |", "|---|---|---|"]
+        lines += [f"### `{cls.__name__}`", "", _markdown(cls.__doc__.strip()), "", "| field | type | meaning |",
+                  "|---|---|---|"]
         for spec in dataclasses.fields(cls):
-            lines.append(f"| `{spec.name}` | `{_type_text(hints[spec.name])}` | {spec.metadata['doc']} |")
+            lines.append(f"| `{spec.name}` | `{_type_text(hints[spec.name])}` | {_markdown(spec.metadata['doc'])} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -6,7 +6,12 @@ class UmeEdgeError(Exception):
 
 
 class InputError(UmeEdgeError, ValueError):
-    """An inference input is malformed: wrong name, shape, dtype, values, or presence."""
+    """An inference input is malformed: wrong name, shape, dtype, values, or presence. ``reason`` is a short word
+    for counting refusals (``nan``, ``shape``, ``dtype``, ``no_modality``, ``unknown_input``, ``mask``, ...)."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class BackendUnavailable(UmeEdgeError):

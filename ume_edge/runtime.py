@@ -86,67 +86,80 @@ class Pipeline:
         if self.executor is None:
             raise UmeEdgeError(f"this Pipeline of {self.path} was closed; load it again")
         given, batch = self._validate(inputs)
-        mask = self._presence(given, present or {}, batch)
-        return Prediction(*self.executor.infer(given, mask), mask)
+        mask = self._presence(given, {} if present is None else present, batch)
+        try:
+            return Prediction(*self.executor.infer(given, mask), mask)
+        except UmeEdgeError:
+            raise
+        except Exception as error:  # a runtime's own exception types; the caller needs ours and the cause
+            raise UmeEdgeError(f"the {self.manifest.backend} engines of {self.path} failed on a batch of {batch} "
+                               f"({', '.join(given)} present): {type(error).__name__}: {error}") from error
 
     def _validate(self, inputs) -> tuple[dict[str, np.ndarray], int]:
         if not isinstance(inputs, dict):
-            raise InputError(f"inputs must be a dict of modality name -> array, got {type(inputs).__name__}")
-        unknown = sorted(set(inputs) - set(self.modality_names))
+            raise InputError(f"inputs must be a dict of modality name -> array, got {type(inputs).__name__}",
+                             "unknown_input")
+        unknown = sorted(map(repr, set(inputs) - set(self.modality_names)))
         if unknown:
-            raise InputError(f"unknown modality {', '.join(map(repr, unknown))}; this model takes "
-                             f"{', '.join(self.modality_names)}")
+            raise InputError(f"unknown modality {', '.join(unknown)}; this model takes "
+                             f"{', '.join(self.modality_names)}", "unknown_input")
         given = {spec.name: self._check_array(spec, inputs[spec.name]) for spec in self.modalities
                  if inputs.get(spec.name) is not None}
         if not given:
-            raise InputError(f"no modality present: give at least one of {', '.join(self.modality_names)}")
+            raise InputError(f"no modality present: give at least one of {', '.join(self.modality_names)}",
+                             "no_modality")
         batches = {name: len(x) for name, x in given.items()}
         if len(set(batches.values())) != 1:
-            raise InputError(f"batch sizes differ between modalities: {batches}")
+            raise InputError(f"batch sizes differ between modalities: {batches}", "shape")
         return given, next(iter(batches.values()))
 
     def _check_array(self, spec: ModalitySpec, x) -> np.ndarray:
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"modality {spec.name!r}: expected a numpy array, got {type(x).__name__}")
+        if type(x) is not np.ndarray:  # a masked array, a matrix or a memmap subclass would hide or change values
+            raise InputError(f"modality {spec.name!r}: expected a plain numpy array, got {type(x).__name__}; pass "
+                             "np.asarray(...) of the values you mean (fill masked values first)", "dtype")
         if x.dtype != spec.dtype:
-            raise InputError(f"modality {spec.name!r}: expected dtype {spec.dtype}, got {x.dtype}")
+            raise InputError(f"modality {spec.name!r}: expected dtype {spec.dtype}, got {x.dtype}", "dtype")
         if x.ndim != len(spec.shape) + 1 or tuple(x.shape[1:]) != spec.shape:
             raise InputError(f"modality {spec.name!r}: expected shape [batch, {', '.join(map(str, spec.shape))}], "
-                             f"got {list(x.shape)}")
+                             f"got {list(x.shape)}", "shape")
         if len(x) == 0:
-            raise InputError(f"modality {spec.name!r}: empty batch (0 rows)")
+            raise InputError(f"modality {spec.name!r}: empty batch (0 rows)", "shape")
         if len(x) > self.max_batch:
             raise InputError(f"modality {spec.name!r}: batch of {len(x)} is above the built maximum "
-                             f"{self.max_batch}; split it, or rebuild with --max-batch {len(x)}")
+                             f"{self.max_batch}; split it, or rebuild with --max-batch {len(x)}", "batch_size")
         if spec.dtype.kind == "f" and not np.isfinite(x).all():
             bad = int(np.count_nonzero(~np.isfinite(x)))
-            raise InputError(f"modality {spec.name!r}: {bad} NaN or Inf value(s); clean the sensor data first")
+            raise InputError(f"modality {spec.name!r}: {bad} NaN or Inf value(s); clean the sensor data first", "nan")
         return np.ascontiguousarray(x)
 
-    def _presence(self, given: dict[str, np.ndarray], present: dict, batch: int) -> np.ndarray:
+    def _presence(self, given: dict[str, np.ndarray], present, batch: int) -> np.ndarray:
+        if not isinstance(present, dict):
+            raise InputError(f"present must be a dict of modality name -> bool array of shape ({batch},), got "
+                             f"{type(present).__name__}", "mask")
         if not present:  # whole-batch presence: every row holds the given modalities, and there is at least one
             mask = np.empty((batch, len(self.modalities)), bool)
             mask[:] = [name in given for name in self.modality_names]
             return mask
-        unknown = sorted(set(present) - set(self.modality_names))
+        unknown = sorted(map(repr, set(present) - set(self.modality_names)))
         if unknown:
-            raise InputError(f"present names unknown modality {', '.join(map(repr, unknown))}")
+            raise InputError(f"present names unknown modality {', '.join(unknown)}", "mask")
         mask = np.zeros((batch, len(self.modalities)), bool)
         for i, spec in enumerate(self.modalities):
             if spec.name not in given:
                 if spec.name in present and np.any(present[spec.name]):
-                    raise InputError(f"present[{spec.name!r}] marks rows present but no {spec.name!r} input was given")
+                    raise InputError(f"present[{spec.name!r}] marks rows present but no {spec.name!r} input was "
+                                     "given", "mask")
                 continue
             if spec.name not in present:
                 mask[:, i] = True
                 continue
-            rows = np.asarray(present[spec.name])
-            if rows.shape != (batch,) or rows.dtype != bool:
-                raise InputError(f"present[{spec.name!r}] must be a bool array of shape ({batch},), got "
-                                 f"{rows.dtype} {list(rows.shape)}")
+            rows = present[spec.name]
+            if type(rows) is not np.ndarray or rows.shape != (batch,) or rows.dtype != bool:
+                raise InputError(f"present[{spec.name!r}] must be a bool numpy array of shape ({batch},), got "
+                                 f"{getattr(rows, 'dtype', type(rows).__name__)} {list(np.shape(rows))}", "mask")
             mask[:, i] = rows
         empty = np.flatnonzero(~mask.any(axis=1))
         if len(empty):
             raise InputError(f"rows {empty[:10].tolist()} have no modality present; drop them or give at least one "
-                             "modality")
+                             "modality", "no_modality")
         return mask

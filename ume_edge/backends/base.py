@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from ume_edge.constants import LOGITS, PARTIAL_LOGITS, PRESENT, PROBS
-from ume_edge.errors import BuildError
+from ume_edge.errors import BuildError, UmeEdgeError
 
 
 class Engine(Protocol):
@@ -158,9 +158,18 @@ class HostExecutor:
             if not any_row:
                 continue
             rows = slice(None) if every_row else mask[:, i]
-            partial[rows, i] = self.engines[name].infer({name: inputs[name][rows]})[PARTIAL_LOGITS]
-        fused = self.fusion.infer({PARTIAL_LOGITS: partial, PRESENT: mask.astype(np.float32)})
+            partial[rows, i] = self._run(f"modality {name!r}", self.engines[name],
+                                         {name: inputs[name][rows]})[PARTIAL_LOGITS]
+        fused = self._run("the fusion", self.fusion, {PARTIAL_LOGITS: partial, PRESENT: mask.astype(np.float32)})
         return fused[LOGITS], fused[PROBS]
+
+    @staticmethod
+    def _run(what: str, engine: Engine, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return engine.infer(feeds)
+        except Exception as error:  # the runtime's own exception types; the caller needs ours and which engine
+            rows = len(next(iter(feeds.values())))
+            raise UmeEdgeError(f"{what}: its engine failed on {rows} row(s): {type(error).__name__}: {error}") from error
 
     def close(self) -> None:
         for engine in [*self.engines.values(), self.fusion]:

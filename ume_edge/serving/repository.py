@@ -14,7 +14,9 @@ its ONNX as ``source.onnx`` beside its config, and ``build_plans_trt<major>.sh``
 run the ONNX files with ONNX Runtime instead, for a Triton with only the python backend (the nvidia-pytriton wheel's).
 
 ``entry="pipeline"`` writes an entry model that runs the whole ``ume_edge.runtime.Pipeline`` inside Triton's Python
-stub, on a copy of the engine directory (no fusion model, no BLS hops; the Triton host's Python needs ume-edge).
+stub, on a copy of the engine directory (no fusion model, no BLS hops; the Triton host's Python needs ume-edge). It
+also takes an optional ``present`` mask (bool ``[M]`` per row) with every modality, so that requests of any presence
+pattern share batches, and counts requests by presence pattern on Triton's metrics endpoint.
 
 Only model folders this module wrote (their ``config.pbtxt`` starts with ``WRITTEN_BY``) are ever replaced.
 """
@@ -198,13 +200,14 @@ class _Writer:
         }
         return _write_model(out, FUSION_MODEL, config, files)
 
-    def _entry_config(self, parameters: dict[str, str]) -> dict:
+    def _entry_config(self, parameters: dict[str, str], takes_mask: bool = False) -> dict:
         classes, order = self.manifest.model.num_classes, self.manifest.fusion.modality_order
+        mask = [_tensor(PRESENT, "bool", [len(order)], optional=True)] if takes_mask else []
         return {
             "backend": "python",
             **_scheduling(self.manifest.max_batch, self.instances, "KIND_CPU", self.max_queue_delay_us),
             "input": [_tensor(name, self.manifest.modality(name).dtype, self.manifest.modality(name).shape,
-                              optional=True) for name in order],
+                              optional=True) for name in order] + mask,
             "output": [_tensor(LOGITS, "float32", [classes]), _tensor(PROBS, "float32", [classes]),
                        _tensor(LABEL, "int64", [1])],
             "parameters": _parameters(parameters),
@@ -227,7 +230,7 @@ class _Writer:
 
     def pipeline_entry(self, out: Path) -> Path:
         """``ume`` running the whole Pipeline in Triton's Python stub, on a copy of the engine directory."""
-        config = self._entry_config({"threads": str(self.threads or 0)})
+        config = self._entry_config({"threads": str(self.threads or 0)}, takes_mask=True)
         model_dir = _write_model(out, ENTRY_MODEL, config, {"1/model.py": template_dir() / PIPELINE_TEMPLATE})
         shutil.copytree(self.engines, model_dir / "1" / "engines",
                         ignore=shutil.ignore_patterns(engine_dir.STAGING_MARKER))

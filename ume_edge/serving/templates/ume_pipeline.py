@@ -3,17 +3,22 @@
 ``python -m ume_edge.triton_repo --entry pipeline`` copies this file to ``<repository>/ume/1/model.py`` and the
 engine directory to ``<repository>/ume/1/engines/``; Triton's Python environment needs ``ume-edge`` installed.
 The requests of one batch are answered by a single ``Pipeline.infer``, stacked with per-row presence masks (an
-absent modality is never computed); a bad request gets its own error response naming the problem.
+absent modality is never computed); a bad request gets its own error response naming the problem. Requests that
+carry the optional ``present`` mask (and every modality) share batches whatever their presence pattern. Counters by
+presence pattern go to Triton's metrics endpoint (``ume_edge.serving.metrics``).
 """
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ume_edge.constants import PRESENT
 from ume_edge.runtime import Pipeline
-from ume_edge.serve import Rejected, answer_requests
+from ume_edge.serving.batching import Rejected, Request, answer_checked, check_request
+from ume_edge.serving.metrics import EntryMetrics
 
 
 def _error(message):
@@ -28,18 +33,31 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         engines = Path(args["model_repository"]) / args["model_version"] / "engines"
         self.pipeline = Pipeline.load(engines, threads=int(parameters.get("threads", "0")) or None)
-        self.names = [spec.name for spec in self.pipeline.modalities]
+        self.names = self.pipeline.modality_names
+        self.metrics = EntryMetrics(pb_utils)
+
+    def _arrays(self, request):
+        tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in [*self.names, PRESENT]}
+        return {name: tensor.as_numpy() for name, tensor in tensors.items() if tensor is not None}
 
     def execute(self, requests):
-        inputs = []
-        for request in requests:
-            tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.names}
-            inputs.append({name: tensor.as_numpy() for name, tensor in tensors.items() if tensor is not None})
+        started = time.perf_counter()
+        checked = [check_request(self._arrays(request), self.names) for request in requests]
+        rows = sum(item.rows for item in checked if isinstance(item, Request))
+        answers = answer_checked(self.pipeline, checked)
+        elapsed_us = (time.perf_counter() - started) * 1e6
+        if rows:
+            self.metrics.batch(rows)
         responses = []
-        for answer in answer_requests(self.pipeline, inputs):
+        for item, answer in zip(checked, answers):
             if isinstance(answer, Rejected):
+                self.metrics.rejected(answer.reason)
                 responses.append(_error(f"ume: {answer.message}"))
-            else:
-                responses.append(pb_utils.InferenceResponse(
-                    [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in answer.items()]))
+                continue
+            self.metrics.answered(item.patterns(self.names), elapsed_us)
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in answer.items()]))
         return responses
+
+    def finalize(self):
+        self.pipeline.close()

@@ -19,7 +19,9 @@ import abc
 import contextlib
 import dataclasses
 import filecmp
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,7 +35,9 @@ import urllib.request
 from importlib.util import find_spec
 from pathlib import Path
 
+from ume_edge.constants import DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
 from ume_edge.errors import BackendUnavailable
+from ume_edge.serving.watchdog import start_time
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ume-edge" / "triton-backends"
 _INSTALL_HINT = "install it with: pip install 'ume-edge[serve]'  (nvidia-pytriton ships the tritonserver binary)"
@@ -136,46 +140,124 @@ def apply_pytriton_libpython_fix() -> None:
     os.environ["PATH"] = fixed["PATH"]
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on localhost right now."""
+TEMP_PREFIX = "ume-edge-serve-"
+# Admin APIs nobody serving sensors needs; closed unless the request carries this header (with a random value).
+RESTRICTED_ADMIN_APIS = "model-repository,shared-memory,trace,logging"
+ADMIN_HEADER = "ume-edge-admin"
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` right now."""
     with contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
         for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((host, 0))
         return [sock.getsockname()[1] for sock in sockets]
 
 
 class TritonServerError(BackendUnavailable):
-    """A server did not start, or did not become ready; the message carries the end of its log."""
+    """A server did not start, or did not become ready; the message says why (with the end of its log)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoints:
+    """Where a server listens: one address for gRPC, HTTP and metrics (default loopback), and the three ports."""
+
+    host: str = DEFAULT_HOST
+    grpc_port: int = DEFAULT_GRPC_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
+
+    @property
+    def connect_host(self) -> str:
+        """The address a client on this machine connects to (a wildcard bind is reached on loopback)."""
+        return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+
+    def _hostport(self, port: int) -> str:
+        host = self.connect_host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return self._hostport(self.grpc_port)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._hostport(self.http_port)}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._hostport(self.metrics_port)}/metrics"
+
+    def ports(self) -> dict[str, int]:
+        return {"gRPC": self.grpc_port, "HTTP": self.http_port, "metrics": self.metrics_port}
+
+    def check_free(self) -> None:
+        """One line naming the first port that something already holds on this address, before anything starts."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        for kind, port in self.ports().items():
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no holder
+                try:
+                    probe.bind((self.host, port))
+                except OSError as error:
+                    option = f"--{kind.lower()}-port"
+                    raise TritonServerError(f"port {port} ({kind}) on {self.host} is in use ({error.strerror}): "
+                                            f"another server holds it; stop it, or choose another {option}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpcTls:
+    """Triton's gRPC TLS: the server's certificate and key, and a root certificate to require client certificates."""
+
+    server_cert: Path
+    server_key: Path
+    root_cert: Path | None = None
+
+    def args(self) -> list[str]:
+        mode = "--grpc-use-ssl-mutual=true" if self.root_cert else "--grpc-use-ssl=true"
+        args = [mode, f"--grpc-server-cert={self.server_cert}", f"--grpc-server-key={self.server_key}"]
+        return args + ([f"--grpc-root-cert={self.root_cert}"] if self.root_cert else [])
+
+
+def make_temp_folder(kind: str) -> Path:
+    """A fresh folder for this process's generated files, named so that ``remove_stale_temp`` can find it."""
+    return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{kind}-{os.getpid()}-"))
+
+
+def remove_stale_temp() -> list[Path]:
+    """Remove what servers that were killed left in the temporary folder; returns what was removed."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*-*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("-")[1]
+        if folder.is_dir() and pid.isdigit() and start_time(int(pid)) is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 class ServerProcess(abc.ABC):
     """A child process serving Triton's HTTP/gRPC/metrics endpoints: start, wait until ready, log, stop.
 
-    Subclasses give ``command()``, ``environment()`` and, optionally, ``ready_paths()``.
+    Readiness is asked of this very child: a server id chosen here must come back from the server's metadata, so
+    an older server still holding the port is never mistaken for it. Subclasses give ``command()``,
+    ``environment()`` and, optionally, ``ready_paths()``.
     """
 
     name = "server"
 
-    def __init__(self, *, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
-                 keep_log: bool = False):
-        self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
-        self.keep_log = keep_log  # otherwise the log file is deleted after a clean stop
+    def __init__(self, endpoints: Endpoints = Endpoints(), *, keep_log: bool = False, log_path: Path | None = None,
+                 echo: bool = False):
+        self.endpoints = endpoints
+        self.keep_log = keep_log or log_path is not None  # otherwise the log is deleted after a clean stop
+        self.log_path, self.echo = log_path, echo  # echo: the server's output goes to this process's stderr
+        self.server_id = f"ume-edge-{os.getpid()}-{secrets.token_hex(4)}"
         self.process: subprocess.Popen | None = None
-        self.log_path: Path | None = None
         self._log_file = None
 
-    @property
-    def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://localhost:{self.http_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://localhost:{self.metrics_port}/metrics"
+    grpc_url = property(lambda self: self.endpoints.grpc_url)
+    http_url = property(lambda self: self.endpoints.http_url)
+    metrics_url = property(lambda self: self.endpoints.metrics_url)
 
     @abc.abstractmethod
     def command(self) -> list[str]:
@@ -192,11 +274,17 @@ class ServerProcess(abc.ABC):
         """Start the process and return once it is ready; raise with the end of its log if it is not."""
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"{self.name} already running (pid {self.process.pid}); stop() it first")
+        self.endpoints.check_free()
         command, env = self.command(), self.environment()
-        self._log_file = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
-        self.log_path = Path(self._log_file.name)
-        self.process = subprocess.Popen(command, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        if self.echo:
+            self.log_path, self._log_file = None, None
+        elif self.log_path is None:
+            self._log_file = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
+            self.log_path = Path(self._log_file.name)
+        else:
+            self._log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, env=env, stdout=self._log_file or sys.stderr,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             self.wait_ready(timeout_s)
         except BaseException:
@@ -217,9 +305,18 @@ class ServerProcess(abc.ABC):
                                 f"{self.log_tail()}")
 
     def is_ready(self) -> bool:
-        return all(_http_ok(f"{self.http_url}{path}") for path in self.ready_paths())
+        return self._answers_as_itself() and all(_http_ok(f"{self.http_url}{path}") for path in self.ready_paths())
+
+    def _answers_as_itself(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2", timeout=1.0) as response:
+                return json.loads(response.read()).get("name") == self.server_id
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
 
     def log(self) -> str:
+        if self.echo:
+            return "(its output is above)"
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
     def log_tail(self, lines: int = 60) -> str:
@@ -261,21 +358,22 @@ def _http_ok(url: str) -> bool:
 class TritonServer(ServerProcess):
     """The wheel's tritonserver, standalone, serving one model repository.
 
-    >>> with TritonServer("triton_models", grpc_port=8001, http_port=8000, metrics_port=8002) as server:
-    ...     server.grpc_url   # 'localhost:8001'
+    >>> with TritonServer("triton_models", Endpoints(grpc_port=8001, http_port=8000, metrics_port=8002)) as server:
+    ...     server.grpc_url   # '127.0.0.1:8001'
     """
 
     name = "tritonserver"
 
-    def __init__(self, model_repository: str | os.PathLike, *, grpc_port: int = 8001, http_port: int = 8000,
-                 metrics_port: int = 8002, log_verbose: int = 0, exit_timeout_s: int = 5,
+    def __init__(self, model_repository: str | os.PathLike, endpoints: Endpoints = Endpoints(), *,
+                 tls: GrpcTls | None = None, log_verbose: int = 0, exit_timeout_s: int = 5,
                  extra_args: list[str] | None = None, cache_dir: str | os.PathLike | None = None,
-                 keep_log: bool = False):
-        super().__init__(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, keep_log=keep_log)
+                 keep_log: bool = False, log_path: Path | None = None, echo: bool = False):
+        super().__init__(endpoints, keep_log=keep_log, log_path=log_path, echo=echo)
         self.model_repository = Path(model_repository).resolve()
-        self.log_verbose, self.exit_timeout_s = log_verbose, exit_timeout_s
+        self.tls, self.log_verbose, self.exit_timeout_s = tls, log_verbose, exit_timeout_s
         self.extra_args = list(extra_args or [])
         self.cache_dir = cache_dir
+        self.admin_key = secrets.token_urlsafe(16)
         self._distribution: TritonDistribution | None = None
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
@@ -287,14 +385,18 @@ class TritonServer(ServerProcess):
 
     def command(self) -> list[str]:
         distribution = self._distribution or find_distribution()
+        e, restricted = self.endpoints, f"{RESTRICTED_ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}"
         return [
-            str(distribution.binary),
+            str(distribution.binary), f"--id={self.server_id}",
             f"--model-repository={self.model_repository}",
             f"--backend-directory={prepare_backend_directory(self.cache_dir, distribution)}",
-            f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}",
+            f"--grpc-address={e.host}", f"--http-address={e.host}", f"--metrics-address={e.host}",
+            f"--grpc-port={e.grpc_port}", f"--http-port={e.http_port}", f"--metrics-port={e.metrics_port}",
             "--allow-grpc=true", "--allow-http=true", "--allow-metrics=true", "--allow-gpu-metrics=false",
+            f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
             "--exit-on-error=true", "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
+            *(self.tls.args() if self.tls else []),
             *self.extra_args,
         ]
 

@@ -1,0 +1,147 @@
+"""Answering one batch of requests with one ``Pipeline.infer``: shared by every serving runtime.
+
+A request maps the modalities it carries to arrays (its rows). Optionally it also carries ``present``, a bool
+``[rows, M]`` mask over the fusion's modality order: then it carries every modality, and rows of a modality marked
+absent may hold anything (zeros); such requests all have the same inputs, so Triton's dynamic batcher puts requests of
+any presence pattern into one batch. Either way the valid requests are stacked with per-row presence masks, an absent
+row is never computed, and a request that cannot be answered gets a ``Rejected`` of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ume_edge.constants import LABEL, LOGITS, PRESENT, PROBS
+from ume_edge.data import pattern_key
+from ume_edge.errors import InputError
+
+
+@dataclass
+class Rejected:
+    """A request that gets an error response instead of outputs, and why in one word (for metrics)."""
+
+    message: str
+    reason: str = "invalid"
+
+
+@dataclass
+class Request:
+    """A checked request: its arrays (absent modalities left out) and its rows' presence."""
+
+    arrays: dict[str, np.ndarray]
+    mask: np.ndarray  # bool [rows, M], modalities in pipeline order
+
+    @property
+    def rows(self) -> int:
+        return len(self.mask)
+
+    def patterns(self, names: list[str]) -> list[str]:
+        """The presence pattern key of each row (``audio+image``, ...)."""
+        return [pattern_key(name for name, on in zip(names, row) if on) for row in self.mask]
+
+
+def check_request(request: dict, names: list[str]) -> Request | Rejected:
+    unknown = sorted(set(request) - set(names) - {PRESENT})
+    if unknown:
+        return Rejected(f"unknown input {unknown[0]!r}; the inputs are {', '.join(names)} (and {PRESENT})",
+                        "unknown_input")
+    arrays = {name: request[name] for name in names if name in request}
+    if not arrays:
+        return Rejected(f"no modality present; send at least one of {', '.join(names)}", "no_modality")
+    rows = {name: len(array) for name, array in arrays.items()}
+    if len(set(rows.values())) != 1:
+        return Rejected(f"inputs disagree on the number of rows {rows}; send the same rows for each", "shape")
+    count = next(iter(rows.values()))
+    if PRESENT not in request:
+        return Request(arrays, np.tile(np.array([name in arrays for name in names]), (count, 1)))
+    return _masked_request(np.asarray(request[PRESENT]), arrays, names, count)
+
+
+def _masked_request(mask: np.ndarray, arrays: dict, names: list[str], count: int) -> Request | Rejected:
+    if len(arrays) != len(names):
+        missing = [name for name in names if name not in arrays]
+        return Rejected(f"with {PRESENT!r}, send every modality (zeros where absent); missing {', '.join(missing)}",
+                        "mask")
+    if mask.shape != (count, len(names)):
+        return Rejected(f"{PRESENT!r} must be [{count}, {len(names)}] (rows x modalities {', '.join(names)}), got "
+                        f"{list(mask.shape)}", "mask")
+    mask = mask.astype(bool)
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if len(empty):
+        return Rejected(f"rows {empty[:8].tolist()} have no modality present in {PRESENT!r}", "no_modality")
+    arrays = {name: arrays[name] for i, name in enumerate(names) if mask[:, i].any()}
+    return Request(arrays, mask)
+
+
+def answer_requests(pipeline, requests: list[dict[str, np.ndarray]]) -> list[dict | Rejected]:
+    """Outputs (or the reason for refusing) for each request of one batch, with one ``Pipeline.infer`` call.
+    If the pipeline refuses the stack (a value problem such as NaN), each request is answered alone so the error
+    lands on the request that caused it."""
+    return answer_checked(pipeline, [check_request(r, pipeline.modality_names) for r in requests])
+
+
+def answer_checked(pipeline, checked: list[Request | Rejected]) -> list[dict | Rejected]:
+    answers: list = list(checked)
+    valid = [i for i, item in enumerate(checked) if isinstance(item, Request)]
+    for index, answer in zip(valid, _answer_valid(pipeline, [checked[i] for i in valid])):
+        answers[index] = answer
+    return answers
+
+
+def _answer_valid(pipeline, batch: list[Request]) -> list[dict | Rejected]:
+    if not batch:
+        return []
+    try:
+        return _infer_stacked(pipeline, batch)
+    except InputError as error:
+        if len(batch) == 1:
+            return [Rejected(str(error), error.reason)]
+        return [_answer_valid(pipeline, [request])[0] for request in batch]
+
+
+def _infer_stacked(pipeline, batch: list[Request]) -> list[dict]:
+    bounds = np.cumsum([0] + [request.rows for request in batch])
+    mask = np.concatenate([request.mask for request in batch])
+    inputs, present = {}, {}
+    for i, name in enumerate(pipeline.modality_names):
+        if not mask[:, i].any():
+            inputs[name] = None  # absent from the whole batch: its encoder does not run
+            continue
+        inputs[name] = _stack(name, batch, bounds)
+        present[name] = mask[:, i]
+    result = pipeline.infer(inputs, present=present)
+    labels = result.labels.astype(np.int64).reshape(-1, 1)
+    return [{LOGITS: result.logits[a:b], PROBS: result.probs[a:b], LABEL: labels[a:b]}
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _stack(name: str, batch: list[Request], bounds: np.ndarray) -> np.ndarray:
+    """The modality's rows at their batch positions; rows of requests without it stay zero (and masked out)."""
+    holders = [i for i, request in enumerate(batch) if name in request.arrays]
+    if len(holders) == len(batch):
+        return batch[0].arrays[name] if len(batch) == 1 else np.concatenate([r.arrays[name] for r in batch])
+    first = batch[holders[0]].arrays[name]
+    stacked = np.zeros((bounds[-1], *first.shape[1:]), first.dtype)
+    for i in holders:
+        stacked[bounds[i]:bounds[i + 1]] = batch[i].arrays[name]
+    return stacked
+
+
+def answer_encoder_requests(engine, name: str, output_name: str, arrays: list[np.ndarray]) -> list[dict | Rejected]:
+    """One modality's engine output for each request; non-finite input is refused per request."""
+    answers: list = [None] * len(arrays)
+    valid = []
+    for index, array in enumerate(arrays):
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            answers[index] = Rejected(f"input {name!r} holds NaN or infinite values; send finite values, or leave "
+                                      f"{name!r} out if that sensor has no reading", "nan")
+        else:
+            valid.append(index)
+    if valid:
+        output = engine.infer({name: np.concatenate([arrays[i] for i in valid])})[output_name]
+        bounds = np.cumsum([0] + [len(arrays[i]) for i in valid])
+        for index, a, b in zip(valid, bounds[:-1], bounds[1:]):
+            answers[index] = {output_name: output[a:b]}
+    return answers
