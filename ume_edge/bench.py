@@ -237,14 +237,18 @@ def headline(cases: list[Case]) -> list[str]:
     return lines
 
 
-def machine_line(machine: dict) -> str:
+def machine_line(machine: dict, cases: list[Case]) -> str:
+    """The machine, and how busy other processes kept it: the closer to its cores, the slower and more scattered
+    every number."""
     cpu = machine.get("cpu", {})
     line = (f"{cpu.get('brand_raw', machine.get('processor', 'unknown CPU'))}, {cpu.get('count', '?')} logical cores, "
             f"{machine.get('system', '')} {machine.get('release', '')}, Python {machine.get('python_version', '?')}")
     load = machine.get("load_average_before")
     if load is not None:
-        line += (f"; 1-minute load average before the run {load:.1f} (other processes: the closer to the number of "
-                 "cores, the slower and more scattered every number)")
+        line += f"; 1-minute load average before the run {load:.1f}"
+    shares = [c.extra["others_cpu_share"] for c in cases if c.extra.get("others_cpu_share") is not None]
+    if shares:
+        line += f"; other processes took up to {max(shares):.0%} of the CPUs while a target ran"
     return line
 
 
@@ -362,7 +366,7 @@ def report(results: Path, out: Path, compare: Path | None = None,
     colours = _colours(measured)
     plots = [plot_latency_per_pattern(measured, out, colours), plot_throughput(measured, out, colours)]
     plots = [p for p in plots if p]
-    parts = ["# ume-edge benchmark report", "", f"Machine: {machine_line(machine)}", "", *headline(measured), "",
+    parts = ["# ume-edge benchmark report", "", f"Machine: {machine_line(machine, cases)}", "", *headline(measured), "",
              *targets_section(cases), *memory_section(cases), *peak_section(cases), "## All cases", "",
              "Accuracy is the engines' (or PyTorch's) on the build's evaluation data, from the manifest.", "",
              *latency_table(measured, previous, threshold), ""]
