@@ -130,10 +130,10 @@ def _run_of(path, scale):
 
 def test_compare_ignores_memory_targets_and_the_reference(tmp_path):
     old, _ = bench.load_cases(_run_of(tmp_path / "old.json", 1))
-    new, _ = bench.load_cases(_run_of(tmp_path / "new.json", 2))
+    new, _ = bench.load_cases(_run_of(tmp_path / "new.json", 3))
     previous = {c.key: c for c in bench.latencies(old)}
-    assert [c.name for c in bench.regressions(new, previous, 0.5)] == ["engine"]
-    assert bench.regressions(new, previous, 1.5) == []
+    assert [c.name for c in bench.regressions(new, previous, 1.0)] == ["engine"]
+    assert bench.regressions(new, previous, 2.5) == []
     assert _report(tmp_path / "new.json", "--compare", tmp_path / "old.json").returncode == 1
     _run_of(tmp_path / "noise.json", 1.15)  # medians 15% slower, but the interquartile ranges overlap
     assert bench.regressions(bench.load_cases(tmp_path / "noise.json")[0], previous, 0.1) == []

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 REFERENCE_BACKEND = "pytorch"
 REFERENCE_MODEL = "reference"
 LATENCY_KINDS = ("engine", "pipeline", "served")
-DEFAULT_THRESHOLD = 0.5  # this shared 2-core VM: back-to-back runs of the same code differ by up to ~45% a case
+# On this shared 2-core VM, runs of the same code differ by up to 61% in a case (the VM's cores, not the code).
+DEFAULT_THRESHOLD = 1.0
 DEFAULT_BASELINE = Path("bench/baseline")
 
 
@@ -411,7 +412,7 @@ def main(argv=None) -> None:
                           "slower by more than --threshold with the interquartile ranges apart; ume-edge's are "
                           "regressions (exit 1), PyTorch's are shown (default: none)")
     rep.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                     help="relative slowdown of a median that counts as a regression, a fraction: 0.5 = 50%% "
+                     help="relative slowdown of a median that counts as a regression, a fraction: 1.0 = twice as slow "
                           "(default: %(default)s)")
     rep.add_argument("--update-baseline", action="store_true",
                      help="replace the committed baseline: copy RESULTS into --baseline and write the report there "
