@@ -46,7 +46,7 @@ def _timed(fn, calls):
     return (time.perf_counter() - start) / calls
 
 
-def interleaved_medians(*fns, rounds=ROUNDS, block_s=0.05):
+def interleaved_medians(*fns, block_s, rounds=ROUNDS):
     """Median seconds per call of each function, measured in alternating blocks so that drift in the machine's
     load hits all alike. Each block starts with an untimed call: the previous block's runtime (PyTorch's OpenMP
     threads, ONNX Runtime's pool) may still hold the cores for a moment, and that belongs to neither."""

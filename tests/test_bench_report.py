@@ -136,7 +136,9 @@ def test_compare_ignores_memory_targets_and_the_reference(tmp_path):
     assert bench.regressions(new, previous, 2.5) == []
     assert _report(tmp_path / "new.json", "--compare", tmp_path / "old.json").returncode == 1
     _run_of(tmp_path / "noise.json", 1.15)  # medians 15% slower, but the interquartile ranges overlap
-    assert bench.regressions(bench.load_cases(tmp_path / "noise.json")[0], previous, 0.1) == []
+    noise = bench.load_cases(tmp_path / "noise.json")[0]
+    assert bench.regressions(noise, previous, 0.1) == []
+    assert "(slower; within the two runs' spread)" in "\n".join(bench.latency_table(noise, previous, 0.1))
     assert _report(tmp_path / "noise.json", "--compare", tmp_path / "old.json", "--threshold", "0.1").returncode == 0
 
 

@@ -70,9 +70,9 @@ def load_cases(path: Path) -> tuple[list[Case], dict]:
         if "kind" not in info:
             continue
         stats = bench["stats"]
+        median, q3 = stats["median"], stats.get("q3", stats["median"])
         cases.append(Case(bench["name"], info["kind"], info["target"], info["backend"], info["precision"],
-                          int(info["batch"]), stats["median"], stats.get("q1", stats["median"]),
-                          stats.get("q3", stats["median"]), info.get("p90_s", stats.get("q3", stats["median"])), info))
+                          int(info["batch"]), median, stats.get("q1", median), q3, info.get("p90_s", q3), info))
     return cases, data.get("machine_info", {})
 
 
@@ -128,7 +128,10 @@ def _change_cell(case: Case, previous: dict[tuple, Case], threshold: float) -> s
         return "new"
     if is_regression(case, previous, threshold):
         return f"{relative:+.0%} **REGRESSION**"
-    return f"{relative:+.0%}" + (" (slower; the reference)" if relative > threshold else "")
+    if relative > threshold:
+        why = "the reference" if case.backend == REFERENCE_BACKEND else "within the two runs' spread"
+        return f"{relative:+.0%} (slower; {why})"
+    return f"{relative:+.0%}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
