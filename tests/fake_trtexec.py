@@ -5,11 +5,12 @@ ONNX file it was built from: ``trt_fakes.FakeTensorRT`` deserializes it and comp
 
 ``install_trtexec(folder, release, device)`` writes an executable ``trtexec`` that behaves as trtexec of that TensorRT
 release does for the flags ume-edge writes: it prints the version banner, refuses options its major version does not
-have (``ACCEPTED_FLAGS``), sets the builder flags trtexec 10 sets for ``--useDLACore`` (``kPREFER_PRECISION_CONSTRAINTS``
-and, unless ``--int8``, ``kFP16``; sampleEngines.cpp, 10.3-10.16) and fails, as TensorRT 10 does, when a precision flag
-meets a strongly typed network (NVIDIA/TensorRT#4253), or when DLA is asked of a release or device without it. Each call
-is appended to ``calls.jsonl`` beside it. It is Python (this file, run by the test's interpreter), not a shell script:
-it writes the same plans the fake builder writes. Kept free of numpy and the fakes, so it starts fast.
+have (``ACCEPTED_FLAGS``), sets the builder flags trtexec 10 sets for ``--useDLACore``
+(``kPREFER_PRECISION_CONSTRAINTS`` and, unless ``--int8``, ``kFP16``; sampleEngines.cpp, 10.3-10.16) and fails, as
+TensorRT 10 does, when a precision flag meets a strongly typed network (NVIDIA/TensorRT#4253), or when DLA is asked of
+a release or device without it. Each call is appended to ``calls.jsonl`` beside it. It is Python (this file, run by the
+test's interpreter), not a shell script, so that it writes the same plans the fake builder writes; it imports neither
+the fakes nor pytest, so it starts fast.
 """
 
 from __future__ import annotations

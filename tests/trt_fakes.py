@@ -328,7 +328,7 @@ class FakeTensorRT:
             setattr(self, name, type(name, (base,), {"_trt": self}))
         assert table["attributes"]["__version__"]["value"] == TENSORRT_VERSIONS[version]
         self.builds: list[dict] = []  # what each build_serialized_network call was asked for
-        self.deserialized: list[dict] = []  # each deserialize_cuda_engine: the runtime's settings, and whether it loaded
+        self.deserialized: list[dict] = []  # each deserialize_cuda_engine: the runtime's settings, whether it loaded
         self.runs: list[dict] = []  # each run that reached the (fake) GPU: the plan's inputs, batch, DLA core
         self.parse_errors: list[str] = []  # the ONNX parser fails with these
         self.enqueue_fails_while_capturing = False
