@@ -196,7 +196,8 @@ def test_a_missing_wait_between_streams_is_caught_by_the_fakes(setup, monkeypatc
     """The fakes run each stream's work only when waited for: without the fusion stream's waits on the encoders,
     the fusion reads its never-written NaN buffer. So the passing tests above do check the synchronisation."""
     with setup.pipeline() as pipeline:
-        monkeypatch.setattr(setup.cuda, "cudaStreamWaitEvent", lambda stream, event, flags: (setup.cuda.cudaError_t.cudaSuccess,))
+        success = (setup.cuda.cudaError_t.cudaSuccess,)
+        monkeypatch.setattr(setup.cuda, "cudaStreamWaitEvent", lambda stream, event, flags: success)
         mask = np.ones((3, len(ORDER)), bool)
         logits, _ = pipeline.infer(inputs_for(mask), mask)
     assert np.isnan(logits).all()
