@@ -491,7 +491,7 @@ def test_a_dla_plan_answers_any_batch_up_to_its_fixed_one(orin, tmp_path, rows):
 @pytest.mark.parametrize("failure", ["TensorRT refuses to enqueue", "the capture is invalidated"])
 def test_a_failed_cuda_graph_capture_is_ended_and_the_batch_runs_without_a_graph(fakes, tmp_path, caplog, failure):
     trt, cuda = fakes
-    trt.enqueue_fails_while_capturing = failure == "TensorRT refuses to enqueue"
+    trt.while_capturing = "refuse" if failure == "TensorRT refuses to enqueue" else "enqueue"
     cuda.invalidate_captures = failure == "the capture is invalidated"
     with caplog.at_level(logging.WARNING, logger="ume_edge.backends.tensorrt"):
         engine = TensorRTEngine(build_plan(tmp_path), cuda_graph_batch_sizes=(4,))
@@ -501,6 +501,14 @@ def test_a_failed_cuda_graph_capture_is_ended_and_the_batch_runs_without_a_graph
     np.testing.assert_allclose(engine.infer({"x": x})["y"], x @ WEIGHTS, rtol=1e-6)
     assert cuda.graph_launches == 0
     engine.close()
+    assert set(cuda.alive().values()) == {0}
+
+
+def test_an_error_during_a_capture_ends_it_and_frees_everything(fakes, tmp_path):
+    trt, cuda = fakes
+    trt.while_capturing = "raise"
+    with pytest.raises(RuntimeError, match="while the stream was capturing"):
+        TensorRTEngine(build_plan(tmp_path), cuda_graph_batch_sizes=(4,))
     assert set(cuda.alive().values()) == {0}
 
 

@@ -48,7 +48,7 @@ from fake_trtexec import (H100, ORIN, PRECISION_FLAGS, Device, PlanHeader, has_d
 
 TENSORRT_VERSIONS = {"10.3": "10.3.0", "10.16": "10.16.1.11", "11.4": "11.4.0.106"}  # table -> release it claims
 CUDA_VERSIONS = ("12.9", "13")
-TENSORRT_TEST_ONLY = {"builds", "deserialized", "runs", "parse_errors", "enqueue_fails_while_capturing"}
+TENSORRT_TEST_ONLY = {"builds", "deserialized", "runs", "parse_errors", "while_capturing"}
 CUDA_TEST_ONLY = {"view", "copies", "graph_launches", "alive", "invalidate_captures", "allocations_left", "device"}
 ONNX_TO_TENSORRT = {1: "FLOAT", 10: "HALF", 3: "INT8", 2: "UINT8", 6: "INT32", 7: "INT64", 9: "BOOL"}
 NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "UINT8": np.uint8, "INT32": np.int32,
@@ -331,7 +331,7 @@ class FakeTensorRT:
         self.deserialized: list[dict] = []  # each deserialize_cuda_engine: the runtime's settings, whether it loaded
         self.runs: list[dict] = []  # each run that reached the (fake) GPU: the plan's inputs, batch, DLA core
         self.parse_errors: list[str] = []  # the ONNX parser fails with these
-        self.enqueue_fails_while_capturing = False
+        self.while_capturing = "enqueue"  # what execute_async_v3 does on a capturing stream: enqueue, refuse, raise
 
     def nptype(self, trt_type):
         return NUMPY_TYPES[self.DataType(trt_type).name]
@@ -671,7 +671,10 @@ class FakeContext:
         cuda = trt._cuda
         missing = [n for n in engine._names if n not in self._addresses] + \
                   [n for n in self._inputs() if n not in self._input_shapes]
-        if missing or (trt.enqueue_fails_while_capturing and cuda._capturing(stream_handle)):
+        capturing = cuda._capturing(stream_handle)
+        if capturing and trt.while_capturing == "raise":
+            raise RuntimeError("enqueueV3 failed while the stream was capturing")
+        if missing or (capturing and trt.while_capturing == "refuse"):
             trt._log(engine._logger, "ERROR", f"enqueueV3: cannot run (unset: {missing or 'none'})")
             return False
         shapes = {n: tuple(self.get_tensor_shape(n)) for n in engine._names}
