@@ -43,8 +43,8 @@ import numpy as np
 import pytest
 
 from api_tables import load_cuda, load_tensorrt  # tests/api_tables.py
-from fake_trtexec import (H100, ORIN, PRECISION_FLAGS, Device, PlanHeader, has_dla, parse_plan, release_tuple,
-                          serialize_plan, timing_cache_bytes, timing_cache_matches)
+from fake_trtexec import (H100, PRECISION_FLAGS, Device, PlanHeader, has_dla, parse_plan, release_tuple, serialize_plan,
+                          timing_cache_bytes, timing_cache_matches)
 
 TENSORRT_VERSIONS = {"10.3": "10.3.0", "10.16": "10.16.1.11", "11.4": "11.4.0.106"}  # table -> release it claims
 CUDA_VERSIONS = ("12.9", "13")
