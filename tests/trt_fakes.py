@@ -11,8 +11,9 @@ What the fakes model, beyond names:
 * Plans (fake_trtexec.py's format) carry the ONNX they were built from; an engine computes with ONNX Runtime on it.
 * Deserializing refuses (returns None and logs, as TensorRT does) a plan of another TensorRT release or GPU (unless
   version- or hardware-compatible), a version-compatible plan unless ``Runtime.engine_host_code_allowed`` was set
-  first, and a DLA plan on a release or device without DLA. ``Runtime.DLA_core`` (default -1) picks the core a DLA
-  plan runs on; -1 means core 0, as TensorRT does when no core is set. A DLA plan's profile is fixed at the largest
+  first, and a DLA plan on a release or device without DLA. ``Runtime.DLA_core`` (default -1, "unset" in
+  NvInferRuntime.h) picks the core a DLA plan runs on; unset runs it on core 0 (the behaviour issue 9 reports: "a plan
+  built for core 1 runs on core 0"; not checked against a Jetson). A DLA plan's profile is fixed at the largest
   batch.
 * The builder refuses precision flags on a strongly typed network (TensorRT 10; NVIDIA/TensorRT#4253); TensorRT 11
   networks are always strongly typed. A timing cache from another release or GPU does not match
