@@ -47,14 +47,17 @@ class Evaluator:
     """Scores engine files per presence pattern against the fp32 PyTorch model.
 
     Fusion is linear in the partial logits, so each engine runs once over the evaluation data and every pattern is
-    then a fusion of cached partial logits. Each engine is closed as soon as its partial logits are computed.
+    then a fusion of cached partial logits. Each engine is closed as soon as its partial logits are computed. Engines
+    get at most ``max_batch`` rows a call: a TensorRT plan refuses a batch above its profile.
     """
 
-    def __init__(self, model, inputs: dict[str, np.ndarray], labels: np.ndarray | None, threads: int | None):
+    def __init__(self, model, inputs: dict[str, np.ndarray], labels: np.ndarray | None, threads: int | None,
+                 max_batch: int = EVAL_BATCH):
         from ume_edge.metrics import predictions_by_pattern
         from ume_edge.train import torch_predictor
 
         self.inputs, self.labels = inputs, labels
+        self.batch = min(EVAL_BATCH, max_batch)
         self.open_onnx = _onnxruntime_opener(threads)
         self.params = FusionParams.from_model(model)
         self.names = model.modality_names
@@ -72,7 +75,7 @@ class Evaluator:
             try:
                 x = self.inputs[name]
                 self.partials[name, file] = np.concatenate(
-                    [engine.infer({name: x[i:i + EVAL_BATCH]})[PARTIAL_LOGITS] for i in range(0, len(x), EVAL_BATCH)])
+                    [engine.infer({name: x[i:i + self.batch]})[PARTIAL_LOGITS] for i in range(0, len(x), self.batch)])
             finally:
                 engine.close()
         return self.partials[name, file]

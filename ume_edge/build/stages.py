@@ -154,7 +154,7 @@ def _run_stages(model, options: BuildOptions, backend, calib: inputs.DataSet, ev
     stage(2, STAGES, "exporting one ONNX per modality (encoder + its slice of the head)")
     exported = _export(model, work, calib.inputs)
     baseline = {name: e["fp32"] for name, e in exported.items()}
-    evaluator = gate.Evaluator(model, evaluation.inputs, evaluation.labels, options.threads)
+    evaluator = gate.Evaluator(model, evaluation.inputs, evaluation.labels, options.threads, options.max_batch)
     _refuse_chance_accuracy(evaluator, evaluation, options)
     stage(3, STAGES, f"calibrating and quantising, gating each modality at {options.max_drop} points"
           if options.precision == "int8" else f"preparing {options.precision} engines")
