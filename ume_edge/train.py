@@ -257,8 +257,7 @@ def main(argv=None) -> None:
     if shipped_seed not in args.seeds:
         parser.error(f"--ship-seed {shipped_seed} is not among --seeds {','.join(map(str, args.seeds))}")
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe) if f.name != "seed"})
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("ume_edge").setLevel(logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     models, report = train_seeds(args.dataset, recipe, args.seeds, shipped_seed, args.selection, args.root,
                                  args.max_samples, class_names=[str(d) for d in range(10)])

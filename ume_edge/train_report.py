@@ -6,6 +6,8 @@ Everything here works on predicted classes (NumPy), so it does not care how the 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ume_edge.metrics import discordant_pairs, mcnemar_exact, mean_over_patterns, percent_equal, spread
@@ -33,7 +35,7 @@ def select(ume_correct: np.ndarray, mma_correct: np.ndarray, rule: str = "prefer
         raise ValueError(f"selection rule must be one of {', '.join(SELECTION_RULES)}, not {rule!r}")
     per_sample = mma_correct.mean(0) - ume_correct.mean(0)
     difference = 100.0 * float(per_sample.mean())
-    standard_error = 100.0 * float(per_sample.std(ddof=1)) / np.sqrt(len(per_sample)) if len(per_sample) > 1 else 0.0
+    standard_error = 100.0 * float(per_sample.std(ddof=1)) / math.sqrt(len(per_sample)) if len(per_sample) > 1 else 0.0
     within_noise = abs(difference) <= NOISE_Z * standard_error
     if rule == "higher-mean" or not within_noise:
         selected = "mma" if difference > 0 else "ume"
