@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # runs the benchmark suites
 FAST = ["--benchmark-min-rounds=1", "--benchmark-max-time=0.0005", "--benchmark-warmup=off"]
 
 

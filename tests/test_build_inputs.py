@@ -145,6 +145,7 @@ def test_help_shows_every_default():
 # default engine directories never collide
 
 
+@pytest.mark.slow
 def test_another_model_named_like_the_reference_never_replaces_the_reference_build(tmp_path, int8_engines):
     from ume_edge.model import load_reference
 
@@ -170,6 +171,7 @@ def test_default_names_separate_precision_backend_and_export_only():
     assert len(names) == 8
 
 
+@pytest.mark.slow
 def test_stale_default_engines_are_rebuilt(int8_engines, tmp_path, monkeypatch):
     import ume_edge.build.stages as stages
 

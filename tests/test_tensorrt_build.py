@@ -28,7 +28,8 @@ from ume_edge.serving.repository import write_repository
 
 MAX_BATCH = 8
 ATOL = 1e-5
-pytestmark = pytest.mark.filterwarnings("ignore:the float32 number:UserWarning")  # the fp16 conversion's rounding
+pytestmark = [pytest.mark.slow,  # full builds
+              pytest.mark.filterwarnings("ignore:the float32 number:UserWarning")]  # the fp16 conversion's rounding
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
