@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ume_edge.cli_common import show_progress
 from ume_edge.data import load, pattern_key, presence_patterns
 from ume_edge.metrics import accuracy_by_pattern, mean_over_patterns, predictions_by_pattern
 from ume_edge.model import UMEModel, conv_modalities
@@ -257,7 +258,7 @@ def main(argv=None) -> None:
     if shipped_seed not in args.seeds:
         parser.error(f"--ship-seed {shipped_seed} is not among --seeds {','.join(map(str, args.seeds))}")
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe) if f.name != "seed"})
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    show_progress()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     models, report = train_seeds(args.dataset, recipe, args.seeds, shipped_seed, args.selection, args.root,
                                  args.max_samples, class_names=[str(d) for d in range(10)])
@@ -270,5 +271,7 @@ def main(argv=None) -> None:
           f"in {report['train_seconds']} s")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run as the imported module, so that its progress logs under ume_edge.train
+    from ume_edge.train import main as train_main
+
+    train_main()
