@@ -11,13 +11,10 @@ from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from ume_edge.build.qdq_rules import assert_tensorrt_qdq, check_tensorrt_qdq, count_qdq
+from ume_edge.build.quantize import TENSORRT_QDQ_OPTIONS, WEIGHTED_OPS
 from ume_edge.errors import BuildError
 
 INPUT_SHAPE = (1, 8, 8)
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-TENSORRT_QDQ_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                        "DedicatedQDQPair": False, "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS),
-                        "AddQDQPairToWeight": True}
 
 
 class ConvLinearNet(torch.nn.Module):

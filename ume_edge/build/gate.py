@@ -12,7 +12,7 @@ import numpy as np
 
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
 from ume_edge.build.progress import note
-from ume_edge.build.quantize import CALIB_METHODS
+from ume_edge.build.quantize import CALIB_METHODS, QuantizedFiles, Quantizer
 from ume_edge.constants import PARTIAL_LOGITS
 from ume_edge.data import pattern_key, presence_patterns
 from ume_edge.errors import BuildError
@@ -100,22 +100,29 @@ class Evaluator:
         return rows
 
 
-def _quantize(name: str, samples: np.ndarray, method: str, fp32: Path, work: Path, backend) -> Candidate:
+def _candidate(name: str, files: QuantizedFiles, backend) -> Candidate:
+    """An INT8 candidate; a TensorRT-target file that breaks TensorRT's rules fails only a backend that enforces them."""
     from ume_edge.build.qdq_rules import check_tensorrt_qdq
-    from ume_edge.build.quantize import quantize_modality
 
-    folder = work / "int8"
-    folder.mkdir(exist_ok=True)
-    try:
-        files = quantize_modality(fp32, name, samples, method, folder)
-    except Exception as error:  # ORT's quantizer raises many types; the user needs the modality and the cause
-        raise BuildError(f"modality {name!r}: INT8 calibration ({method}) failed: {error}") from error
     problems = check_tensorrt_qdq(files.tensorrt_s8s8)
     if problems and backend.enforces_tensorrt_rules:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise BuildError(f"modality {name!r} breaks {len(problems)} TensorRT Q/DQ rule(s):\n{listing}")
-    return Candidate("int8", files.cpu_u8s8, files.tensorrt_s8s8, method, backend.int8_format,
+    return Candidate("int8", files.cpu_u8s8, files.tensorrt_s8s8, files.method, backend.int8_format,
                      files.calibration_cache, problems)
+
+
+def _quantize(name: str, samples: np.ndarray, method: str, fp32: Path, work: Path, backend,
+              quantizer: Quantizer) -> Candidate:
+    folder = work / "int8"
+    folder.mkdir(exist_ok=True)
+    try:
+        files = quantizer.calibrate(fp32, name, samples, method, folder)
+    except BuildError:
+        raise
+    except Exception as error:  # ORT's quantizer raises many types; the user needs the modality and the cause
+        raise BuildError(f"modality {name!r}: INT8 calibration ({method}) failed: {error}") from error
+    return _candidate(name, files, backend)
 
 
 def fallback(name: str, fp32: Path, backend, work: Path) -> Candidate:
@@ -141,7 +148,7 @@ def _score(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator
 
 
 def choose(name: str, fp32: Path, calib: np.ndarray, options, backend, work: Path, evaluator: Evaluator,
-           baseline: dict[str, Path]) -> tuple[Candidate, list[dict]]:
+           baseline: dict[str, Path], quantizer: Quantizer) -> tuple[Candidate, list[dict]]:
     """INT8 with the requested calibration method, then the others; the fallback if none keeps within --max-drop."""
     if options.precision == "fp32":
         return Candidate("fp32", fp32, fp32), []
@@ -150,7 +157,8 @@ def choose(name: str, fp32: Path, calib: np.ndarray, options, backend, work: Pat
     methods = [options.calib_method] + [m for m in CALIB_METHODS if m != options.calib_method]
     tried = []
     for method in methods:
-        candidate = _score(name, _quantize(name, calib, method, fp32, work, backend), baseline, evaluator, backend)
+        candidate = _score(name, _quantize(name, calib, method, fp32, work, backend, quantizer), baseline, evaluator,
+                           backend)
         passed = candidate.max_drop <= options.max_drop
         tried.append({"method": method, "max_drop": candidate.max_drop, "drops": candidate.drops, "passed": passed})
         note(f"{name}: int8 {method:<10} worst drop {candidate.max_drop:+.2f} points -> "

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ume_edge.build.quantize import WEIGHTED_OPS
 from ume_edge.errors import BuildError
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the weight is input 1 of each
 QUANTIZE = "QuantizeLinear"
 DEQUANTIZE = "DequantizeLinear"
 ONNX_DEFAULT_DQ_AXIS = 1

@@ -21,6 +21,7 @@ from ume_edge import __version__, backends, engine_dir
 from ume_edge.backends.base import CompiledFiles, CompileJob, OpenOptions
 from ume_edge.build import gate, inputs
 from ume_edge.build.progress import note, stage
+from ume_edge.build.quantize import Quantizer
 from ume_edge.constants import (DEFAULT_CALIB_METHOD, DEFAULT_MAX_BATCH, DEFAULT_MAX_DROP, DEFAULT_PRECISION,
                                 ENGINES_DIR, PRECISIONS)
 from ume_edge.errors import BackendUnavailable, BuildError, EngineMismatch
@@ -159,9 +160,10 @@ def _run_stages(model, options: BuildOptions, backend, calib: inputs.DataSet, ev
     stage(3, STAGES, f"calibrating and quantising, gating each modality at {options.max_drop} points"
           if options.precision == "int8" else f"preparing {options.precision} engines")
     chosen, tried = {}, {}
-    for name in model.modality_names:
-        chosen[name], tried[name] = gate.choose(name, baseline[name], calib.inputs[name], options, backend, work,
-                                                evaluator, baseline)
+    with Quantizer() as quantizer:
+        for name in model.modality_names:
+            chosen[name], tried[name] = gate.choose(name, baseline[name], calib.inputs[name], options, backend, work,
+                                                    evaluator, baseline, quantizer)
     stage(4, STAGES, f"compiling for {backend.name}" + (" (export only: no engine is built)"
                                                           if options.export_only else ""))
     params = FusionParams.from_model(model)
