@@ -196,7 +196,8 @@ def _manifest(model, options, backend, chosen, tried, exported, compiled: Compil
         engine=_record(staging, compiled.engines[m.name]), onnx=_record(staging, compiled.onnx.get(m.name)),
         calibration=_record(staging, compiled.calibration.get(m.name)),
         calibration_method=chosen[m.name].method, quant_format=chosen[m.name].quant_format,
-        export_max_abs_diff=exported[m.name]["max_abs_diff"], gate=tried[m.name],
+        export_max_abs_diff=exported[m.name]["max_abs_diff"], float_layers=chosen[m.name].float_layers,
+        gate=tried[m.name],
     ) for m in model.modalities]
     params = FusionParams.from_model(model)
     return engine_dir.Manifest(
@@ -258,7 +259,9 @@ def format_summary(manifest: engine_dir.Manifest, out: Path, seconds: float | No
     for m in manifest.modalities:
         record = m.engine or m.onnx
         size = (out / record.path).stat().st_size / 1024
-        lines.append(f"| {m.name} | {m.precision} | {m.calibration_method or '-'} | {record.path} | {size:.0f} KiB |")
+        precision = m.precision + (f" ({len(m.float_layers)} layer group(s) float)" if m.float_layers else "")
+        lines.append(f"| {m.name} | {precision} | {m.calibration_method or '-'} | {record.path} | {size:.0f} KiB |")
+    lines += _float_layer_lines(manifest)
     data = manifest.accuracy
     few = data["samples"] < inputs.FEW_EVAL_SAMPLES
     lines += ["", f"{data['metric'].capitalize()} on {data['data']} ({data['samples']} samples), per presence pattern"
@@ -278,6 +281,16 @@ def format_summary(manifest: engine_dir.Manifest, out: Path, seconds: float | No
                   f"{out}, then `python -m ume_edge.build --adopt {out}`; or run `python -m ume_edge.build --backend "
                   f"{manifest.backend}` there."]
     return "\n".join(lines)
+
+
+def _float_layer_lines(manifest: engine_dir.Manifest) -> list[str]:
+    kept = [(m.name, layer) for m in manifest.modalities for layer in m.float_layers]
+    if not kept:
+        return []
+    lines = ["", "Layers kept in float by the per-layer fallback (the rest of each modality is INT8):", "",
+             "| modality | layer | op | worst drop if quantized |", "|---|---|---|---|"]
+    return lines + [f"| {name} | {layer['layer']} | {layer['op']} | {layer['drop_if_quantized']:+.2f} |"
+                    for name, layer in kept]
 
 
 def ensure_default_engines(precision: str = DEFAULT_PRECISION) -> Path:
