@@ -72,11 +72,15 @@ class QuantizedFiles:
     float_nodes: tuple[str, ...] = ()
 
 
+def _check_method(method: str) -> None:
+    if method not in CALIB_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIB_METHODS)}")
+
+
 def _ort_method(method: str):
     from onnxruntime.quantization import CalibrationMethod
 
-    if method not in CALIB_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIB_METHODS)}")
+    _check_method(method)
     return {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
             "minmax": CalibrationMethod.MinMax}[method]
 
@@ -256,7 +260,7 @@ class Quantizer:
     def calibrate(self, fp32_path: Path, input_name: str, samples: np.ndarray, method: str,
                   work_dir: Path) -> QuantizedFiles:
         """Calibrate ``fp32_path`` once on ``samples`` and write the U8S8 (CPU) and S8S8 (TensorRT) Q/DQ files."""
-        _ort_method(method)
+        _check_method(method)
         stem = work_dir / f"{input_name}-{method}"
         files = QuantizedFiles(stem.with_suffix(".u8s8.onnx"), stem.with_suffix(".s8s8.onnx"),
                                stem.with_suffix(".calibration.json"), stem.with_suffix(".prep.onnx"), input_name,
