@@ -107,7 +107,7 @@ def _reader(input_name: str, samples: np.ndarray):
 # placement
 
 
-def constant_behind(name: str, constants: dict, producers: dict):
+def _constant_behind(name: str, constants: dict, producers: dict):
     """The constant array a tensor holds, looking through Identity nodes (how exporters share a weight); else None."""
     while name not in constants and name in producers and producers[name].op_type == "Identity":
         name = producers[name].input[0]
@@ -122,12 +122,12 @@ def _graph_tables(graph) -> tuple[dict, dict]:
     return constants, producers
 
 
-def weighted_nodes(graph) -> list:
+def _weighted_nodes(graph) -> list:
     """Conv, ConvTranspose, Gemm and MatMul nodes whose input 1 is a constant (a MatMul of two activations, as in
     attention, is not a weighted operation)."""
     constants, producers = _graph_tables(graph)
     return [node for node in graph.node if node.op_type in WEIGHTED_OPS and len(node.input) > 1
-            and constant_behind(node.input[1], constants, producers) is not None]
+            and _constant_behind(node.input[1], constants, producers) is not None]
 
 
 def _gemm_dims(node, weight: np.ndarray) -> tuple[int, int]:
@@ -141,7 +141,7 @@ def tensorrt_float_nodes(graph) -> list[str]:
     """Nodes of quantized op types that NVIDIA's placement leaves in float: MatMuls of two activations, and GEMMs
     too small for INT8 tensor cores (K or N below ``MIN_TENSORRT_GEMM_DIM``)."""
     constants, producers = _graph_tables(graph)
-    weighted = {node.name for node in weighted_nodes(graph)}
+    weighted = {node.name for node in _weighted_nodes(graph)}
     names = []
     for node in graph.node:
         if node.op_type not in WEIGHTED_OPS:
@@ -149,13 +149,14 @@ def tensorrt_float_nodes(graph) -> list[str]:
         if node.name not in weighted:
             names.append(node.name)
         elif node.op_type in ("Gemm", "MatMul"):
-            weight = constant_behind(node.input[1], constants, producers)
+            weight = _constant_behind(node.input[1], constants, producers)
             if weight.ndim >= 2 and min(_gemm_dims(node, weight)) < MIN_TENSORRT_GEMM_DIM:
                 names.append(node.name)
     return names
 
 
 def cpu_op_types() -> list[str]:
+    """What ``quantize_static`` quantizes when not told (its two operator registries), less ``CPU_FLOAT_OP_TYPES``."""
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     return sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - set(CPU_FLOAT_OP_TYPES))
