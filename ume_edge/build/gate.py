@@ -13,7 +13,8 @@ import numpy as np
 
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
 from ume_edge.build.progress import note
-from ume_edge.build.quantize import CALIB_METHODS, QuantizedFiles, Quantizer
+from ume_edge.build.quantize import (CALIB_METHODS, MIN_TENSORRT_GEMM_DIM, QuantizedFiles, Quantizer,
+                                     tensorrt_quantizes_any)
 from ume_edge.constants import PARTIAL_LOGITS
 from ume_edge.data import pattern_key, presence_patterns
 from ume_edge.errors import BuildError
@@ -159,6 +160,11 @@ def choose(name: str, fp32: Path, calib: np.ndarray, options, backend, work: Pat
         return Candidate("fp32", fp32, fp32), []
     if options.precision == "fp16":
         return fallback(name, fp32, backend, work), []
+    if backend.enforces_tensorrt_rules and not tensorrt_quantizes_any(fp32):
+        chosen = fallback(name, fp32, backend, work)
+        note(f"{name}: no layer TensorRT would run in INT8 (each GEMM has fewer than {MIN_TENSORRT_GEMM_DIM} input or "
+             f"output channels); {chosen.precision}")
+        return chosen, []
     methods = [options.calib_method] + [m for m in CALIB_METHODS if m != options.calib_method]
     tried, candidates = [], []
     for method in methods:

@@ -155,6 +155,14 @@ def tensorrt_float_nodes(graph) -> list[str]:
     return names
 
 
+def tensorrt_quantizes_any(fp32_path: Path) -> bool:
+    """Whether NVIDIA's placement leaves any weighted node of the model to quantize."""
+    import onnx
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    return bool({node.name for node in _weighted_nodes(graph)} - set(tensorrt_float_nodes(graph)))
+
+
 def cpu_op_types() -> list[str]:
     """What ``quantize_static`` quantizes when not told (its two operator registries), less ``CPU_FLOAT_OP_TYPES``."""
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
