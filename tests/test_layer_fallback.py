@@ -11,6 +11,8 @@ from conformance import task
 from ume_edge.build.qdq_rules import check_tensorrt_qdq
 from ume_edge.constants import DEFAULT_MAX_DROP
 
+pytestmark = pytest.mark.slow  # full builds
+
 FIRST, SECOND, THIRD = (f"/encoder/layers/layers.{i}/Gemm" for i in (0, 2, 4))
 
 

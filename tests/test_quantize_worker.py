@@ -5,7 +5,11 @@ import logging
 import subprocess
 import sys
 
+import pytest
+
 from ume_edge.constants import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow  # full builds
 
 # A user's script, with no `if __name__ == "__main__":` guard.
 SCRIPT = """

@@ -9,6 +9,8 @@ from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
 from ume_edge.build import BuildOptions, build
 from ume_edge.constants import PARTIAL_LOGITS
 
+pytestmark = pytest.mark.slow  # full builds
+
 # Largest |TensorRT-target INT8 - fp32| in any partial logit. The files before issue 10 reached 1.87 (audio) and 1.10
 # (image); NVIDIA ModelOpt's, from the same calibration data, 0.34 and 0.14: these are about 1.5x ModelOpt's.
 MAX_LOGIT_DIFFERENCE = {"audio": 0.5, "image": 0.25}

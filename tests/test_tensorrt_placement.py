@@ -5,8 +5,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ume_edge import engine_dir
+
+pytestmark = pytest.mark.slow  # full builds
 
 MODEL = """
 import torch
