@@ -27,3 +27,10 @@ def int8_engines():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts a real tritonserver is slow: ``pytest -m "not slow"`` leaves it out."""
+    for item in items:
+        if item.get_closest_marker("triton") is not None:
+            item.add_marker(pytest.mark.slow)

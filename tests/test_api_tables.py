@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from api_tables import check_object, known_names, load_cuda, load_tensorrt  # tests/api_tables.py
-from trt_fakes import FakeCuda, FakeEngine, FakeTensorRT, linear_plan  # tests/trt_fakes.py
+from fake_trtexec import H100, PlanHeader, serialize_plan  # tests/fake_trtexec.py
+from trt_fakes import CUDA_TEST_ONLY, TENSORRT_TEST_ONLY, FakeCuda, FakeTensorRT  # tests/trt_fakes.py
 
 TENSORRT_VERSIONS = ("10.3", "10.16", "11.4")
 TENSORRT_10 = ("10.3", "10.16")
@@ -201,71 +202,98 @@ def test_every_cuda_name_ume_edge_mentions_exists(version):
 
 # ---------------------------------------------------------------- the fakes against the tables
 
-def fake_tensorrt_objects() -> dict[str, object]:
-    """The fake module and every kind of object it hands out, by the real class name."""
-    trt = FakeTensorRT(FakeCuda())
+def fake_tensorrt_objects(version: str) -> dict[str, object]:
+    """The fake module of TensorRT ``version`` and every kind of object it hands out, by the real class name."""
+    trt = FakeTensorRT(FakeCuda(), version)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     config = builder.create_builder_config()
-    engine = FakeEngine(trt, linear_plan())
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    plan = serialize_plan(PlanHeader(trt.__version__, H100.gpu_name, "9.0", True, [], {"x": [[1, 3], [4, 3], [8, 3]]}),
+                          LINEAR_ONNX.SerializeToString())
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     return {"tensorrt": trt, "Logger": logger, "Builder": builder, "IBuilderConfig": config,
-            "IOptimizationProfile": builder.create_optimization_profile(),
-            "ITimingCache": config.create_timing_cache(b""), "OnnxParser": trt.OnnxParser("network", logger),
-            "Runtime": trt.Runtime(logger), "ICudaEngine": engine,
-            "IExecutionContext": engine.create_execution_context()}
+            "INetworkDefinition": network, "IOptimizationProfile": builder.create_optimization_profile(),
+            "ITimingCache": config.create_timing_cache(b""), "OnnxParser": parser, "Runtime": trt.Runtime(logger),
+            "ICudaEngine": engine, "IExecutionContext": engine.create_execution_context()}
 
 
-def mismatching(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"trt_fakes.py differs from the real API: {reason}")
+def linear_onnx():
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((3, 2), np.float32), "weight")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"])], "linear",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-FAKE_STATE = "public names the real API lacks (make them private or pass them as test_only): "
+LINEAR_ONNX = linear_onnx()
+TENSORRT_CLASSES = ["tensorrt", "Logger", "Builder", "IBuilderConfig", "INetworkDefinition", "IOptimizationProfile",
+                    "ITimingCache", "OnnxParser", "Runtime", "ICudaEngine", "IExecutionContext"]
 
 
-@pytest.mark.parametrize("class_name", [
-    pytest.param("tensorrt", marks=mismatching(
-        "enum values MemoryPoolType.WORKSPACE 1 (real 0), BuilderFlag.FP16/INT8/VERSION_COMPATIBLE 1/2/4 "
-        "(real 0/1/13), "
-        "DeviceType.GPU/DLA 1/2 (real 0/1), HardwareCompatibilityLevel.NONE/AMPERE_PLUS 1/2 (real 0/1); "
-        "Logger.__init__(severity) is (min_severity); nptype(dtype) is (trt_type); "
-        + FAKE_STATE + "cuda, parse_errors, plans, built")),
-    pytest.param("Logger", marks=mismatching("__init__(severity) is (min_severity); severity is min_severity")),
-    "Builder",
-    pytest.param("IBuilderConfig", marks=mismatching(
-        "set_memory_pool_limit(pool, limit) is (pool, pool_size); create_timing_cache(data) is "
-        "(serialized_timing_cache); " + FAKE_STATE + "pools, profiles, timing_cache")),
-    pytest.param("IOptimizationProfile", marks=mismatching("set_shape(name, *shapes) is (input, min, opt, max)")),
-    pytest.param("ITimingCache", marks=mismatching(FAKE_STATE + "loaded")),
-    pytest.param("OnnxParser", marks=mismatching(
-        "parse_from_file(path) is (model); get_error(i) is (index); num_errors is a read-only property")),
-    pytest.param("Runtime", marks=mismatching("deserialize_cuda_engine(data) is (serialized_engine)")),
-    pytest.param("ICudaEngine", marks=mismatching(
-        "get_tensor_profile_shape(name, profile) is (name, profile_index); num_io_tensors is a read-only property; "
-        + FAKE_STATE + "trt, plan, names")),
-    pytest.param("IExecutionContext", marks=mismatching(
-        "set_tensor_address(name, pointer) is (name, memory); " + FAKE_STATE + "cuda, plan, shapes, addresses, "
-        "plain_runs")),
-])
-def test_fake_tensorrt_conforms_to_the_tensorrt_it_claims_to_be(class_name):
-    table = load_tensorrt(FakeTensorRT.__version__)
-    fake = fake_tensorrt_objects()[class_name]
-    assert check_object(fake, table, None if class_name == "tensorrt" else class_name) == []
+@pytest.mark.parametrize("version", TENSORRT_VERSIONS)
+@pytest.mark.parametrize("class_name", TENSORRT_CLASSES)
+def test_fake_tensorrt_conforms_to_each_tensorrt_it_claims_to_be(version, class_name):
+    fake = fake_tensorrt_objects(version)[class_name]
+    test_only = TENSORRT_TEST_ONLY if class_name == "tensorrt" else ()
+    assert check_object(fake, load_tensorrt(version), None if class_name == "tensorrt" else class_name,
+                        test_only) == []
+
+
+@pytest.mark.parametrize("version", TENSORRT_VERSIONS)
+def test_the_fake_claims_the_release_of_its_table(version):
+    assert FakeTensorRT(FakeCuda(), version).__version__ == load_tensorrt(version)["version"]
+
+
+def test_the_fake_tensorrt_11_has_no_precision_flags_and_ignores_strong_typing():
+    trt = FakeTensorRT(FakeCuda(), "11.4")
+    assert not hasattr(trt.BuilderFlag, "FP16") and not hasattr(trt.BuilderFlag, "INT8")
+    assert trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED == 0 and trt.BuilderFlag.VERSION_COMPATIBLE == 12
+    assert trt.Builder(trt.Logger()).create_network(0)._strongly_typed
+
+
+@pytest.mark.parametrize("version", TENSORRT_10)
+def test_the_fake_tensorrt_10_refuses_precision_flags_on_a_strongly_typed_network(version, tmp_path):
+    import onnx
+
+    trt = FakeTensorRT(FakeCuda(), version)
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+    builder = trt.Builder(logger)
+    onnx.save(LINEAR_ONNX, tmp_path / "x.onnx")
+    plans = []
+    for network_flags, precision in ((1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED), True), (0, True),
+                                     (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED), False)):
+        network = builder.create_network(network_flags)
+        assert trt.OnnxParser(network, logger).parse_from_file(str(tmp_path / "x.onnx"))
+        config = builder.create_builder_config()
+        if precision:
+            config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        profile.set_shape("x", (1, 3), (2, 3), (4, 3))
+        config.add_optimization_profile(profile)
+        plans.append(builder.build_serialized_network(network, config))
+    assert [plan is not None for plan in plans] == [False, True, True]
 
 
 @pytest.mark.parametrize("version", CUDA_VERSIONS)
-@mismatching("cudaStreamCaptureMode.cudaStreamCaptureModeGlobal is 1 (real 0); cudaMalloc(nbytes) is (size); "
-             "cudaFree(pointer) is (devPtr); cudaMemcpyAsync(destination, source, nbytes, kind, stream) is "
-             "(dst, src, count, kind, stream); cudaGraphLaunch(executable, stream) is (graphExec, stream); "
-             "cudaGraphExecDestroy(executable) is (graphExec); " + FAKE_STATE + "streams_alive, ok, is_device, view, "
-             "enqueue, run_until, device_count, gpu_name, capability, memory, streams, events, capturing, "
-             "graph_launches, copies")
 def test_fake_cuda_conforms_to_cuda_python(version):
-    assert check_object(FakeCuda(), load_cuda(version)) == []
+    assert check_object(FakeCuda(version), load_cuda(version), test_only=CUDA_TEST_ONLY) == []
+
+
+@pytest.mark.parametrize("version", CUDA_VERSIONS)
+def test_fake_cuda_enums_are_the_real_ones(version):
+    cuda, table = FakeCuda(version), load_cuda(version)
+    for name in ("cudaError_t", "cudaMemcpyKind", "cudaStreamCaptureMode", "cudaStreamCaptureStatus"):
+        assert {m.name: m.value for m in getattr(cuda, name).__members__.values()} == table["enums"][name]
+    assert cuda.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal == 0
 
 
 @pytest.mark.parametrize("version", CUDA_VERSIONS)
 def test_fake_cuda_device_properties_conform(version):
-    _, properties = FakeCuda().cudaGetDeviceProperties(0)
+    _, properties = FakeCuda(version).cudaGetDeviceProperties(0)
     assert check_object(properties, load_cuda(version), "cudaDeviceProp") == []
 
 
@@ -317,13 +345,23 @@ def run_every_fake_cuda_call(cuda) -> None:
 
 @pytest.mark.parametrize("version", CUDA_VERSIONS)
 def test_fake_cuda_calls_return_as_many_values_as_cuda_python(version):
-    cuda = ResultLengths(FakeCuda())
+    fake = FakeCuda(version)
+    cuda = ResultLengths(fake)
     run_every_fake_cuda_call(cuda)
-    defined = {name for name in dir(FakeCuda) if name.startswith("cuda") and callable(getattr(FakeCuda, name))
-               and not isinstance(getattr(FakeCuda, name), type)}
+    defined = {name for name in dir(FakeCuda) if name.startswith("cuda") and callable(getattr(FakeCuda, name))}
     assert set(cuda.lengths) == defined, "run_every_fake_cuda_call misses some of the fake's calls"
     functions = load_cuda(version)["functions"]
     assert cuda.lengths == {name: functions[name]["return_count"] for name in cuda.lengths}
+    assert set(fake.alive().values()) == {0}
+
+
+def test_failing_fake_cuda_calls_return_as_many_values_too():
+    cuda = FakeCuda()
+    _, stream = cuda.cudaStreamCreate()
+    assert cuda.cudaStreamEndCapture(stream) == (cuda.cudaError_t.cudaErrorIllegalState, None)
+    cuda.allocations_left = 0
+    assert cuda.cudaMalloc(4) == (cuda.cudaError_t.cudaErrorMemoryAllocation, 0)
+    assert FakeCuda(device_count=0).cudaGetDeviceCount() == (cuda.cudaError_t.cudaErrorNoDevice, 0)
 
 
 # ---------------------------------------------------------------- the checker itself

@@ -12,6 +12,8 @@ from ume_edge.data import presence_patterns
 from ume_edge.errors import BuildError
 from ume_edge.runtime import Pipeline
 
+pytestmark = pytest.mark.slow  # full builds
+
 
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "ume_edge.build", *args], capture_output=True, text=True, cwd=cwd,

@@ -15,6 +15,8 @@ from ume_edge import engine_dir
 from ume_edge.build import BuildOptions, build
 from ume_edge.errors import BuildError
 
+pytestmark = pytest.mark.slow  # builds, servers or subprocess runs
+
 
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "ume_edge.build", *args], capture_output=True, text=True, cwd=cwd,

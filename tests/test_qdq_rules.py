@@ -10,12 +10,11 @@ import torch
 from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from ume_edge.errors import BuildError
 from ume_edge.build.qdq_rules import assert_tensorrt_qdq, check_tensorrt_qdq, count_qdq
+from ume_edge.build.quantize import TENSORRT_QDQ_OPTIONS, WEIGHTED_OPS
+from ume_edge.errors import BuildError
 
 INPUT_SHAPE = (1, 8, 8)
-TENSORRT_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                    "DedicatedQDQPair": True}
 
 
 class ConvLinearNet(torch.nn.Module):
@@ -61,7 +60,7 @@ def quantize(fp32_path, name, **options):
 @pytest.fixture(scope="module")
 def s8s8_path(fp32_path):
     return quantize(fp32_path, "s8s8.onnx", activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, extra_options=TENSORRT_OPTIONS)
+                    per_channel=True, op_types_to_quantize=list(WEIGHTED_OPS), extra_options=TENSORRT_QDQ_OPTIONS)
 
 
 def node_named(model, name):
@@ -71,7 +70,8 @@ def node_named(model, name):
 def test_symmetric_s8s8_per_channel_file_is_clean(s8s8_path):
     assert check_tensorrt_qdq(s8s8_path) == []
     assert_tensorrt_qdq(s8s8_path)
-    assert count_qdq(s8s8_path) == {"quantize": 6, "dequantize": 9, "weights_per_channel": 3,
+    # x, the Flatten output and the Gemm output (the inputs of Conv, Gemm and MatMul), and the three weights
+    assert count_qdq(s8s8_path) == {"quantize": 6, "dequantize": 6, "weights_per_channel": 3,
                                     "weights_per_tensor": 0, "quantized_biases": 0}
 
 
@@ -94,20 +94,11 @@ def test_default_u8s8_fails_on_uint8_zero_points_and_bias(fp32_path):
     assert count_qdq(path)["quantized_biases"] == 2
 
 
-def test_per_tensor_weights_fail_on_per_channel_only(fp32_path):
+def test_per_tensor_weights_are_accepted(fp32_path):
     path = quantize(fp32_path, "per_tensor.onnx", activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=False, extra_options=TENSORRT_OPTIONS)
-    assert check_tensorrt_qdq(path) == [
-        "DequantizeLinear 'conv.weight_DequantizeLinear' (weight of Conv '/conv/Conv') has a per-tensor scale; "
-        "TensorRT needs per-channel weight scales, one for each of the 4 output channels on axis 0 "
-        "(quantize with per_channel=True)",
-        "DequantizeLinear 'fc.weight_DequantizeLinear' (weight of Gemm '/fc/Gemm') has a per-tensor scale; "
-        "TensorRT needs per-channel weight scales, one for each of the 5 output channels on axis 0 "
-        "(quantize with per_channel=True)",
-        "DequantizeLinear 'projection_DequantizeLinear' (weight of MatMul '/MatMul') has a per-tensor scale; "
-        "TensorRT needs per-channel weight scales, one for each of the 3 output channels on axis 1 "
-        "(quantize with per_channel=True)",
-    ]
+                    per_channel=False, op_types_to_quantize=list(WEIGHTED_OPS), extra_options=TENSORRT_QDQ_OPTIONS)
+    assert check_tensorrt_qdq(path) == []
+    assert count_qdq(path)["weights_per_tensor"] == 3
 
 
 def test_weight_scales_on_the_input_axis_fail(s8s8_path):
@@ -118,29 +109,51 @@ def test_weight_scales_on_the_input_axis_fail(s8s8_path):
         "shape [5] on axis 1; TensorRT needs 5 scales on the output-channel axis 0"]
 
 
-def test_a_quantize_shared_by_two_dequantizes_fails(s8s8_path):
+def test_a_quantize_shared_by_two_dequantizes_is_accepted(s8s8_path):
     model = onnx.load(s8s8_path)
-    graph = model.graph
     quantize_x = node_named(model, "x_QuantizeLinear")
     dequantize_x = node_named(model, "x_DequantizeLinear")
-    graph.node.append(helper.make_node("DequantizeLinear", [quantize_x.output[0], *dequantize_x.input[1:]],
-                                       ["x_again"], name="x_second_DequantizeLinear"))
-    graph.output.append(helper.make_tensor_value_info("x_again", onnx.TensorProto.FLOAT, None))
+    model.graph.node.append(helper.make_node("DequantizeLinear", [quantize_x.output[0], *dequantize_x.input[1:]],
+                                             ["x_again"], name="x_second_DequantizeLinear"))
+    model.graph.output.append(helper.make_tensor_value_info("x_again", onnx.TensorProto.FLOAT, None))
     ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])  # still a valid model
 
-    assert check_tensorrt_qdq(model) == [
-        "QuantizeLinear 'x_QuantizeLinear' feeds 2 consumer(s) ['DequantizeLinear']; TensorRT needs each "
-        "QuantizeLinear to feed exactly one DequantizeLinear (quantize with DedicatedQDQPair=True)"]
+    assert check_tensorrt_qdq(model) == []
 
 
-def test_a_dequantize_shared_by_two_nodes_fails(s8s8_path):
+def test_a_dequantize_shared_by_two_nodes_is_accepted(s8s8_path):
     model = onnx.load(s8s8_path)
     dequantize_x = node_named(model, "x_DequantizeLinear")
     model.graph.output.append(helper.make_tensor_value_info(dequantize_x.output[0], onnx.TensorProto.FLOAT, None))
 
+    assert check_tensorrt_qdq(model) == []
+
+
+def test_a_weight_behind_an_identity_is_still_a_weight(s8s8_path):
+    model = onnx.load(s8s8_path)
+    quantize_weight = node_named(model, "conv.weight_QuantizeLinear")
+    quantize_weight.input[0] = "conv.weight_shared"
+    model.graph.node.insert(0, helper.make_node("Identity", ["conv.weight"], ["conv.weight_shared"]))
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    assert check_tensorrt_qdq(model) == []
+    assert count_qdq(model)["weights_per_channel"] == 3
+    node_named(model, "conv.weight_DequantizeLinear").attribute[0].i = 1
     assert check_tensorrt_qdq(model) == [
-        "DequantizeLinear 'x_DequantizeLinear' feeds 2 consumers; TensorRT needs a dedicated Q/DQ pair for each "
-        "consumer (quantize with DedicatedQDQPair=True)"]
+        "DequantizeLinear 'conv.weight_DequantizeLinear' (weight of Conv '/conv/Conv') has per-channel scales of "
+        "shape [4] on axis 1; TensorRT needs 4 scales on the output-channel axis 0"]
+
+
+def test_an_activation_with_per_channel_scales_fails(s8s8_path):
+    model = onnx.load(s8s8_path)
+    scale = next(i for i in model.graph.initializer if i.name == "x_scale")
+    scale.CopyFrom(onnx.numpy_helper.from_array(np.full(2, onnx.numpy_helper.to_array(scale), np.float32), "x_scale"))
+
+    assert check_tensorrt_qdq(model) == [
+        "QuantizeLinear 'x_QuantizeLinear' has an activation scale of shape [2]; TensorRT needs per-tensor (scalar) "
+        "activation scales",
+        "DequantizeLinear 'x_DequantizeLinear' has an activation scale of shape [2]; TensorRT needs per-tensor "
+        "(scalar) activation scales"]
 
 
 def test_a_file_without_qdq_is_not_an_int8_file(fp32_path):

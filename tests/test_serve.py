@@ -27,6 +27,8 @@ from ume_edge.serving.batching import Rejected, answer_requests
 from ume_edge.serving.process import Endpoints, free_ports
 from ume_edge.serving.pytriton import unanswered
 
+pytestmark = pytest.mark.slow  # builds, servers or subprocess runs
+
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
 ATOL = 1e-5

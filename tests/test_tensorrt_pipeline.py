@@ -1,9 +1,10 @@
 """DevicePipeline: encoders and fusion on one GPU with the partial logits kept there.
 
-Against the fakes in trt_fakes.py (lazy streams, NaN-filled device memory, bounds-checked copies) it must give what
+Against the fakes in trt_fakes.py (lazy streams, NaN-filled device memory, bounds-checked copies; plans built by
+``build_engine`` from small ONNX encoders and the fusion graph, computing with ONNX Runtime) it must give what
 ``ume_edge.fusion.fuse`` gives over NumPy encoders, for every presence pattern and for mixed per-row masks, with absent
 rows never reaching an encoder and only logits and probs coming back to the host. The tests marked ``tensorrt`` and
-``gpu`` build real plans of a tiny two-modality model and its fusion graph and compare with ONNX Runtime."""
+``gpu`` build real plans of the same model and compare with ONNX Runtime."""
 
 import itertools
 
@@ -12,13 +13,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trt_fakes import FakePlan, install, needs_tensorrt_and_gpu  # tests/trt_fakes.py; pytest puts tests/ on sys.path
-from ume_edge.backends import tensorrt as tensorrt_backend
-from ume_edge.backends.tensorrt import BuildConfig, DevicePipeline, TensorRTEngine, build_engine, present_runs
+from trt_fakes import batches_run, install, needs_tensorrt_and_gpu  # tests/trt_fakes.py; tests/ is on sys.path
+from ume_edge.backends.tensorrt.config import BuildConfig, build_engine
+from ume_edge.backends.tensorrt.engine import TensorRTEngine
+from ume_edge.backends.tensorrt.pipeline import DevicePipeline, present_runs
 from ume_edge.errors import EngineMismatch, InputError
 from ume_edge.fusion import FusionParams, fuse, fusion_graph, softmax
 
-SHAPES = {"audio": (6,), "image": (2, 3), "text": (4,)}
+SHAPES = {"audio": (6,), "image": (1, 2, 3), "text": (4,)}
 ORDER = list(SHAPES)
 C = 5
 MAX_BATCH = 8
@@ -70,43 +72,46 @@ def random_masks(count: int, batch: int = MAX_BATCH, seed: int = 2) -> list[np.n
     return masks
 
 
+def linear_encoder_onnx(name: str, shape: tuple[int, ...]) -> onnx.ModelProto:
+    """``partial_logits = flatten(x) @ W + b``: a tiny encoder with its slice of the head, as ENGINE_FORMAT.md says."""
+    weight, bias = WEIGHTS[name]
+    nodes = [helper.make_node("Flatten", [name], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "weight"], ["product"]),
+             helper.make_node("Add", ["product", "bias"], ["partial_logits"])]
+    graph = helper.make_graph(nodes, f"{name}_encoder",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape])],
+                              [helper.make_tensor_value_info("partial_logits", TensorProto.FLOAT, ["batch", C])],
+                              [numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_plans(folder, mode: str, config: BuildConfig, order=ORDER) -> dict:
+    """Plans of the encoders and the fusion, built by ``build_engine``; and the ONNX files they came from."""
+    files = {}
+    models = {n: linear_encoder_onnx(n, SHAPES[n]) for n in order}
+    models["fusion"] = fusion_graph(params_for(mode, order, CONSTANTS[:len(order)]))
+    inputs = {n: {n: SHAPES[n]} for n in order}
+    inputs["fusion"] = {"partial_logits": (len(order), C), "present": (len(order),)}
+    for key, model in models.items():
+        files[key] = folder / f"{key}.onnx", folder / f"{key}.plan"
+        onnx.save(model, files[key][0])
+        build_engine(files[key][0], files[key][1], inputs[key], config)
+    return files
+
+
 # ---------------------------------------------------------------- against the fakes
 
 
-def fusion_plan(params: FusionParams) -> FakePlan:
-    """A fake plan that runs fusion.onnx itself (ONNX Runtime on the CPU), NaN rows of absent modalities included."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(fusion_graph(params).SerializeToString(), providers=["CPUExecutionProvider"])
-    m = len(params.modality_order)
-
-    def compute(partial_logits, present):
-        logits, probs = session.run(None, {"partial_logits": partial_logits, "present": present})
-        return {"logits": logits, "probs": probs}
-
-    return FakePlan({"partial_logits": (m, C), "present": (m,)}, {"logits": (C,), "probs": (C,)}, compute,
-                    batches=(1, 4, MAX_BATCH))
-
-
-def encoder_plan(name: str) -> FakePlan:
-    def compute(**x):
-        return {"partial_logits": encode(name, x[name])}
-
-    return FakePlan({name: SHAPES[name]}, {"partial_logits": (C,)}, compute, batches=(1, 4, MAX_BATCH))
-
-
 class FakeSetup:
-    """Fake plans on disk for every modality and the fusion, and a way to open them as a DevicePipeline."""
+    """Plans of every modality and the fusion built with the fakes, and a way to open them as a DevicePipeline."""
 
     def __init__(self, monkeypatch, tmp_path, mode: str):
         self.params = params_for(mode)
-        self.plans = {name.encode(): encoder_plan(name) for name in ORDER}
-        self.plans[b"fusion"] = fusion_plan(self.params)
-        self.trt, self.cuda = install(monkeypatch, tensorrt_backend, self.plans)
-        self.paths = {}
-        for key in self.plans:
-            self.paths[key.decode()] = tmp_path / f"{key.decode()}.plan"
-            self.paths[key.decode()].write_bytes(key)
+        self.trt, self.cuda = install(monkeypatch)
+        built = build_plans(tmp_path, mode, BuildConfig(max_batch=MAX_BATCH))
+        self.paths = {key: plan for key, (_, plan) in built.items()}
 
     def pipeline(self, cuda_graph_batch_sizes=(), order=ORDER) -> DevicePipeline:
         engines = {n: TensorRTEngine(self.paths[n], cuda_graph_batch_sizes=cuda_graph_batch_sizes) for n in order}
@@ -114,11 +119,10 @@ class FakeSetup:
         return DevicePipeline(engines, fusion, list(order), C)
 
     def batches_run(self) -> dict[str, list[int]]:
-        return {name: self.plans[name.encode()].batches_run for name in ORDER}
+        return {name: batches_run(self.trt, name) for name in ORDER}
 
     def forget_runs(self) -> None:
-        for plan in self.plans.values():
-            plan.batches_run.clear()
+        self.trt.runs.clear()
         self.cuda.copies.clear()
 
 
@@ -130,7 +134,7 @@ def setup(request, monkeypatch, tmp_path):
 def check_run(setup: FakeSetup, pipeline: DevicePipeline, mask: np.ndarray) -> None:
     setup.forget_runs()
     given = inputs_for(mask)
-    logits, probs = pipeline.run(given, mask)
+    logits, probs = pipeline.infer(given, mask)
     expected_logits, expected_probs = reference(setup.params, given, mask)
     assert logits.dtype == probs.dtype == np.float32 and logits.shape == probs.shape == (len(mask), C)
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
@@ -192,37 +196,20 @@ def test_a_missing_wait_between_streams_is_caught_by_the_fakes(setup, monkeypatc
     """The fakes run each stream's work only when waited for: without the fusion stream's waits on the encoders,
     the fusion reads its never-written NaN buffer. So the passing tests above do check the synchronisation."""
     with setup.pipeline() as pipeline:
-        monkeypatch.setattr(setup.cuda, "cudaStreamWaitEvent", lambda stream, event, flags: setup.cuda.ok())
+        success = (setup.cuda.cudaError_t.cudaSuccess,)
+        monkeypatch.setattr(setup.cuda, "cudaStreamWaitEvent", lambda stream, event, flags: success)
         mask = np.ones((3, len(ORDER)), bool)
-        logits, _ = pipeline.run(inputs_for(mask), mask)
+        logits, _ = pipeline.infer(inputs_for(mask), mask)
     assert np.isnan(logits).all()
-
-
-def test_enqueue_waits_for_nothing_and_download_waits(monkeypatch, tmp_path):
-    _, cuda = install(monkeypatch, tensorrt_backend)
-    plan = tmp_path / "x.plan"
-    plan.write_bytes(b"serialized plan")
-    x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    with TensorRTEngine(plan) as engine:
-        y = engine.enqueue({"x": x})["y"]
-        assert y.shape == (2, 2) and np.isnan(cuda.view(y.pointer, y.shape, y.dtype)).all()  # queued, not run
-        np.testing.assert_array_equal(engine.download({"y": y})["y"], engine.infer({"x": x})["y"])
-        own = engine.input_tensor("x", 2)
-        cuda.view(own.pointer, own.shape, own.dtype)[:] = x + 1
-        copies = len(cuda.copies)
-        np.testing.assert_array_equal(engine.download(engine.enqueue({"x": own}))["y"], engine.infer({"x": x + 1})["y"])
-        assert cuda.copies[copies]["kind"] == "cudaMemcpyDeviceToHost"  # the input already in place was not copied
-        with pytest.raises(InputError, match="is float64"):
-            engine.enqueue({"x": tensorrt_backend.DeviceTensor(own.pointer, own.shape, np.dtype(np.float64))})
 
 
 def test_close_frees_everything_once(setup):
     pipeline = setup.pipeline()
     mask = np.ones((2, len(ORDER)), bool)
-    pipeline.run(inputs_for(mask), mask)
+    pipeline.infer(inputs_for(mask), mask)
     pipeline.close()
     pipeline.close()
-    assert setup.cuda.memory == {} and setup.cuda.streams_alive == 0 and setup.cuda.events == []
+    assert set(setup.cuda.alive().values()) == {0}
 
 
 @pytest.mark.parametrize(("mask", "given", "message"), [
@@ -237,13 +224,13 @@ def test_bad_masks_and_missing_inputs_are_refused(setup, mask, given, message):
         inputs = inputs_for(np.ones((len(mask), 3), bool)) if len(mask) else {}
         inputs = {n: x for n, x in inputs.items() if given is None or n in given}
         with pytest.raises(InputError, match=message):
-            pipeline.run(inputs, mask)
+            pipeline.infer(inputs, mask)
 
 
 def test_a_batch_above_the_profile_is_refused(setup):
     mask = np.ones((MAX_BATCH + 1, len(ORDER)), bool)
     with setup.pipeline() as pipeline, pytest.raises(InputError, match=r"with batch 1..8"):
-        pipeline.run(inputs_for(mask), mask)
+        pipeline.infer(inputs_for(mask), mask)
 
 
 def test_engines_that_do_not_form_a_pipeline_are_refused(setup):
@@ -268,74 +255,35 @@ def test_present_runs():
 
 # ---------------------------------------------------------------- real TensorRT on a real GPU
 
-REAL_SHAPES = {"audio": (6,), "image": (1, 4, 4)}
-REAL_ORDER = list(REAL_SHAPES)
-
-
-def linear_encoder_onnx(name: str, shape: tuple[int, ...], seed: int) -> onnx.ModelProto:
-    """``partial_logits = flatten(x) @ W + b``: a tiny encoder with its slice of the head, as ENGINE_FORMAT.md says."""
-    rng = np.random.default_rng(seed)
-    features = int(np.prod(shape))
-    initializers = [numpy_helper.from_array(rng.standard_normal((features, C)).astype(np.float32), "weight"),
-                    numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "bias")]
-    nodes = [helper.make_node("Flatten", [name], ["flat"], axis=1),
-             helper.make_node("MatMul", ["flat", "weight"], ["product"]),
-             helper.make_node("Add", ["product", "bias"], ["partial_logits"])]
-    graph = helper.make_graph(nodes, f"{name}_encoder",
-                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape])],
-                              [helper.make_tensor_value_info("partial_logits", TensorProto.FLOAT, ["batch", C])],
-                              initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 @pytest.fixture(scope="module")
 def real_plans(tmp_path_factory):
-    """Plans of the two encoders and of the UME and MMA fusion graphs, and the ONNX they came from."""
-    directory = tmp_path_factory.mktemp("trt_pipeline")
-    config = BuildConfig(max_batch=MAX_BATCH, timing_cache=directory / "timing.cache")
-    files = {}
-    models = {n: linear_encoder_onnx(n, s, seed) for seed, (n, s) in enumerate(REAL_SHAPES.items())}
+    """Real plans of the encoders and of the UME and MMA fusion graphs, and the ONNX they came from."""
+    plans = {}
     for mode in ("ume", "mma"):
-        models[f"fusion-{mode}"] = fusion_graph(params_for(mode, REAL_ORDER, CONSTANTS[:2]))
-    for key, model in models.items():
-        files[key] = directory / f"{key}.onnx", directory / f"{key}.plan"
-        onnx.save(model, files[key][0])
-    for name, shape in REAL_SHAPES.items():
-        build_engine(files[name][0], files[name][1], {name: shape}, config)
-    for mode in ("ume", "mma"):
-        shapes = {"partial_logits": (len(REAL_ORDER), C), "present": (len(REAL_ORDER),)}
-        build_engine(files[f"fusion-{mode}"][0], files[f"fusion-{mode}"][1], shapes, config)
-    return files
+        folder = tmp_path_factory.mktemp(f"trt_{mode}")
+        plans[mode] = build_plans(folder, mode, BuildConfig(max_batch=MAX_BATCH, timing_cache=folder / "timing.cache"))
+    return plans
 
 
 def onnxruntime_encoder(files):
     import onnxruntime as ort
 
-    sessions = {n: ort.InferenceSession(str(files[n][0]), providers=["CPUExecutionProvider"]) for n in REAL_ORDER}
+    sessions = {n: ort.InferenceSession(str(files[n][0]), providers=["CPUExecutionProvider"]) for n in ORDER}
     return lambda name, x: sessions[name].run(None, {name: x})[0]
-
-
-def real_masks() -> list[np.ndarray]:
-    rng = np.random.default_rng(5)
-    whole = [np.tile(np.array(p), (b, 1)) for p in [(1, 1), (1, 0), (0, 1)] for b in (1, 4, MAX_BATCH)]
-    mixed = [m for m in (rng.random((MAX_BATCH, 2)) < 0.5 for _ in range(40)) if m.any(axis=1).all()][:8]
-    return [m.astype(bool) for m in whole + mixed]
 
 
 @needs_tensorrt_and_gpu
 @pytest.mark.parametrize("mode", ["ume", "mma"])
 @pytest.mark.parametrize("graphs", [(), (4,)], ids=["plain", "cuda-graphs"])
 def test_real_device_pipeline_matches_onnxruntime_and_fuse(real_plans, mode, graphs):
-    params = params_for(mode, REAL_ORDER, CONSTANTS[:2])
-    encoder = onnxruntime_encoder(real_plans)
-    engines = {n: TensorRTEngine(real_plans[n][1], cuda_graph_batch_sizes=graphs) for n in REAL_ORDER}
-    fusion = TensorRTEngine(real_plans[f"fusion-{mode}"][1], cuda_graph_batch_sizes=graphs)
-    with DevicePipeline(engines, fusion, REAL_ORDER, C) as pipeline:
-        for mask in real_masks() * 2:  # twice over the same buffers: stale rows must not matter
-            given = inputs_for(mask, REAL_ORDER, REAL_SHAPES, seed=int(mask.sum()))
-            logits, probs = pipeline.run(given, mask)
-            expected_logits, expected_probs = reference(params, given, mask, encoder)
+    files = real_plans[mode]
+    encoder = onnxruntime_encoder(files)
+    engines = {n: TensorRTEngine(files[n][1], cuda_graph_batch_sizes=graphs) for n in ORDER}
+    fusion = TensorRTEngine(files["fusion"][1], cuda_graph_batch_sizes=graphs)
+    with DevicePipeline(engines, fusion, ORDER, C) as pipeline:
+        for mask in (random_masks(8) + [np.tile(np.array(p), (b, 1)) for p in PATTERNS for b in (1, 4)]) * 2:
+            given = inputs_for(mask, seed=int(mask.sum()))
+            logits, probs = pipeline.infer(given, mask)
+            expected_logits, expected_probs = reference(params_for(mode), given, mask, encoder)
             np.testing.assert_allclose(logits, expected_logits, rtol=1e-2, atol=1e-2)  # TF32 kernels
             np.testing.assert_allclose(probs, expected_probs, rtol=1e-2, atol=1e-2)

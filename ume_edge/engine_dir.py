@@ -88,8 +88,9 @@ class ModalityRecord:
     quant_format: str | None = _doc("`U8S8` (uint8 activations, int8 weights: ONNX Runtime on a CPU) or `S8S8` "
                                     "(signed, symmetric: TensorRT); null unless int8")
     export_max_abs_diff: float = _doc("largest |ONNX - PyTorch| of the fp32 export on calibration samples")
-    float_layers: list[dict] = _doc("layers kept in float by the per-layer fallback, each with the accuracy it cost "
-                                    "in INT8", default_factory=list)
+    float_layers: list[dict] = _doc("layers kept in float by the per-layer fallback: `layer` (its weighted node), "
+                                    "`op`, `nodes` (every node left unquantized with it) and `drop_if_quantized` "
+                                    "(worst drop in points with that layer back in INT8)", default_factory=list)
     gate: list[dict] = _doc("every accuracy-gate trial: method, worst drop, drops per pattern, passed",
                             default_factory=list)
 

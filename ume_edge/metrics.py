@@ -1,7 +1,9 @@
-"""Accuracy and agreement per presence pattern, for any predictor (PyTorch, engines, a served model)."""
+"""Accuracy and agreement per presence pattern, for any predictor (PyTorch, engines, a served model), and the
+statistics that compare them: the exact McNemar test of two classifiers on the same samples, spread over seeds."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -39,3 +41,26 @@ def accuracy_by_pattern(predict: Predictor, inputs, labels, patterns=None, batch
 def mean_over_patterns(table: dict[str, float | None]) -> float:
     values = [v for v in table.values() if v is not None]
     return round(float(np.mean(values)), 2)
+
+
+def discordant_pairs(predicted_a: np.ndarray, predicted_b: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+    """``(only a right, only b right)``: the samples on which two classifiers disagree about being correct."""
+    right_a, right_b = predicted_a == labels, predicted_b == labels
+    return int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+
+
+def mcnemar_exact(only_a_right: int, only_b_right: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs against an even split."""
+    n = only_a_right + only_b_right
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a_right, only_b_right) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def spread(values) -> dict[str, float | None]:
+    """Mean, sample standard deviation (``None`` from a single value), min and max, rounded to 2 decimals."""
+    values = np.asarray(list(values), dtype=np.float64)
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return {"mean": round(float(values.mean()), 2), "sd": None if sd is None else round(sd, 2),
+            "min": round(float(values.min()), 2), "max": round(float(values.max()), 2)}

@@ -1,7 +1,8 @@
 """The UME-MMA recipe (METHOD.md): uni-modal pre-training, UME, MMA with missing-modality augmentation, the naive
-joint baseline, and selection on validation. Writes the selected checkpoint and a report.
+joint baseline, and selection on validation, over one or more seeds. Writes one seed's selected checkpoint and a
+report with every seed's results and their spread.
 
-    python -m ume_edge.train --dataset avdigits --out models/avdigits.pt
+    python -m ume_edge.train --dataset avdigits --seeds 0,1,2 --out models/avdigits.pt
 """
 
 from __future__ import annotations
@@ -9,36 +10,39 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
+import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ume_edge.cli_common import show_progress
 from ume_edge.data import load, pattern_key, presence_patterns
-from ume_edge.metrics import accuracy_by_pattern, mean_over_patterns
+from ume_edge.metrics import accuracy_by_pattern, mean_over_patterns, predictions_by_pattern
 from ume_edge.model import UMEModel, conv_modalities
+from ume_edge.train_report import SELECTION_RULES, format_report, multi_seed_report, seed_report
+
+LOGGER = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class Recipe:
-    uni_epochs: int = 14
-    mma_epochs: int = 8
-    naive_epochs: int = 14
-    batch_size: int = 64
-    lr: float = 2e-3
-    mma_lr: float = 3e-4
-    weight_decay: float = 1e-4
-    missing_prob: float = 0.5
-    learn_placeholder: bool = False
+    uni_epochs: int = field(default=14, metadata={"help": "epochs of uni-modal pre-training, per modality"})
+    mma_epochs: int = field(default=8, metadata={"help": "epochs of MMA fine-tuning"})
+    naive_epochs: int = field(default=14, metadata={"help": "epochs of the naive joint baseline"})
+    batch_size: int = field(default=64, metadata={"help": "training batch size"})
+    lr: float = field(default=2e-3, metadata={"help": "peak one-cycle learning rate (uni-modal and naive)"})
+    mma_lr: float = field(default=3e-4, metadata={"help": "peak one-cycle learning rate of MMA fine-tuning"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    missing_prob: float = field(default=0.5, metadata={
+        "help": "MMA augmentation: probability that a sample loses one modality chosen at random"})
+    learn_placeholder: bool = field(default=False, metadata={
+        "help": "learn MMA's absent-modality placeholder features (true/false) instead of keeping zeros"})
     seed: int = 0
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -92,7 +96,7 @@ def fit(model: UMEModel, train, val, epochs: int, lr: float, recipe: Recipe, lab
             optimizer.step()
             schedule.step()
         score = mean_over_patterns(evaluate(model, *val))
-        _log(f"  {label:<12} epoch {epoch:>2}/{epochs}  loss {loss.item():.3f}  val mean acc {score:.2f}%")
+        LOGGER.info(f"  {label:<12} epoch {epoch:>2}/{epochs}  loss {loss.item():.3f}  val mean acc {score:.2f}%")
         if score > best:
             best, best_state = score, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
@@ -114,10 +118,22 @@ def _assemble(uni_models: dict[str, UMEModel], fusion: str, recipe: Recipe, name
     return model.eval()
 
 
-def train_all(dataset: str, recipe: Recipe, root=None, num_classes: int = 10, class_names=None) -> tuple[dict[str, UMEModel], dict]:
-    """Run every stage of METHOD.md. Returns the models by role and the report."""
+def load_splits(dataset: str, root=None, max_samples: int | None = None) -> dict[str, tuple]:
+    """Train, validation and test splits; ``max_samples`` keeps each split's first rows (for smoke runs only)."""
+    splits = {}
+    for split in SPLITS:
+        inputs, labels = load(dataset, split, root)
+        if max_samples is not None:
+            inputs, labels = {name: x[:max_samples] for name, x in inputs.items()}, labels[:max_samples]
+        splits[split] = (inputs, labels)
+    return splits
+
+
+def train_all(splits: dict[str, tuple], recipe: Recipe, dataset: str, num_classes: int = 10,
+              class_names=None) -> dict[str, UMEModel]:
+    """Run every training stage of METHOD.md for ``recipe.seed``. Returns the models by role."""
     torch.manual_seed(recipe.seed)
-    train, val, test = (load(dataset, split, root) for split in ("train", "val", "test"))
+    train, val = splits["train"], splits["val"]
     names = sorted(train[0])
     shapes = {name: x.shape[1:] for name, x in train[0].items()}
 
@@ -126,92 +142,136 @@ def train_all(dataset: str, recipe: Recipe, root=None, num_classes: int = 10, cl
 
     models: dict[str, UMEModel] = {}
     for modality in modalities_factory():
-        _log(f"[1/4] uni-modal pre-training: {modality.name}")
+        LOGGER.info(f"[1/4] uni-modal pre-training: {modality.name}")
         uni = _uni_model(modality, num_classes, f"uni:{modality.name}")
         models[f"uni:{modality.name}"] = fit(uni, train, val, recipe.uni_epochs, recipe.lr, recipe, modality.name)
     uni_models = {n: models[f"uni:{n}"] for n in names}
     models["ume"] = _assemble(uni_models, "ume", recipe, dataset, class_names)
-    _log(f"[2/4] MMA: fine-tuning from the uni-modal weights, missing-modality augmentation p={recipe.missing_prob}")
+    LOGGER.info(f"[2/4] MMA: fine-tuning from the uni-modal weights, missing-modality augmentation p={recipe.missing_prob}")
     mma = _assemble(uni_models, "mma", recipe, dataset, class_names)
     models["mma"] = fit(mma, train, val, recipe.mma_epochs, recipe.mma_lr, recipe, "mma", recipe.missing_prob)
-    _log("[3/4] naive baseline: joint late fusion from scratch, no augmentation")
+    LOGGER.info("[3/4] naive baseline: joint late fusion from scratch, no augmentation")
     naive = UMEModel(modalities_factory(), num_classes, "mma", class_names=class_names, name=f"{dataset}-naive")
     models["naive"] = fit(naive, train, val, recipe.naive_epochs, recipe.lr, recipe, "naive")
-    _log("[4/4] selection on validation, report on test")
-    report = build_report(models, val, test, names, recipe, dataset)
-    models["selected"] = models[report["selected"]]
-    return models, report
+    return models
 
 
-def _uni_table(acc: float, modality: str, patterns) -> dict[str, float | None]:
-    """A uni-modal model answers any pattern that holds its modality (from that modality alone)."""
-    return {pattern_key(p): (acc if modality in p else None) for p in patterns}
+def predict_all(models: dict[str, UMEModel], inputs: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Predicted classes per presence pattern for every model (a uni-modal model: its own modality only)."""
+    predictions = {}
+    for role, model in models.items():
+        model.eval()
+        subset = {name: inputs[name] for name in model.modality_names}
+        predictions[role] = predictions_by_pattern(torch_predictor(model), subset)
+    return predictions
 
 
-def build_report(models, val, test, names, recipe: Recipe, dataset: str) -> dict:
-    patterns = presence_patterns(names)
-    fused = ("naive", "ume", "mma")
-    val_mean = {role: mean_over_patterns(evaluate(models[role], *val)) for role in ("ume", "mma")}
-    selected = max(("ume", "mma"), key=lambda role: val_mean[role])
-    tables = {}
-    for name in names:
-        acc = evaluate(models[f"uni:{name}"], *test)[name]
-        tables[f"uni:{name}"] = _uni_table(acc, name, patterns)
-    for role in fused:
-        tables[role] = evaluate(models[role], *test)
-    tables["selected"] = tables[selected]
-    gaps = {role: {n: round(tables[f"uni:{n}"][n] - tables[role][n], 2) for n in names}
-            for role in (*fused, "selected")}
-    return {
-        "dataset": dataset, "split": "test", "patterns": [pattern_key(p) for p in patterns],
-        "models": tables, "selected": selected, "val_mean_accuracy": val_mean,
-        "ceiling_gaps": gaps, "recipe": asdict(recipe),
-    }
+def train_seed(splits: dict[str, tuple], recipe: Recipe, dataset: str, selection: str = "prefer-ume",
+               num_classes: int = 10, class_names=None) -> tuple[dict[str, UMEModel], dict]:
+    """Train and report one seed: the models by role (``selected`` among them) and the seed's report entry."""
+    started = time.perf_counter()
+    models = train_all(splits, recipe, dataset, num_classes, class_names)
+    LOGGER.info("[4/4] selection on validation, report on test")
+    names = sorted(splits["train"][0])
+    (val_inputs, val_labels), (test_inputs, test_labels) = splits["val"], splits["test"]
+    entry = seed_report(predict_all(models, val_inputs), predict_all(models, test_inputs), val_labels, test_labels,
+                        names, _pattern_keys(names), selection)
+    models["selected"] = models[entry["selected"]]
+    return models, {"seed": recipe.seed, **entry, "recipe": asdict(recipe),
+                    "train_seconds": round(time.perf_counter() - started, 1)}
 
 
-def format_report(report: dict) -> str:
-    """The report as a Markdown table: accuracy per pattern (rows: models), then the ceiling gaps."""
-    patterns = report["patterns"]
-    roles = [r for r in report["models"] if r != "selected"] + ["selected"]
-    lines = ["| model | " + " | ".join(patterns) + " | mean |", "|---" * (len(patterns) + 2) + "|"]
-    for role in roles:
-        row = report["models"][role]
-        cells = [f"{row[p]:.2f}" if row[p] is not None else "-" for p in patterns]
-        label = f"selected ({report['selected']})" if role == "selected" else role
-        mean = f"{mean_over_patterns(row):.2f}" if not role.startswith("uni:") else "-"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
-    singles = sorted({n for gaps in report["ceiling_gaps"].values() for n in gaps})
-    lines += ["", "Ceiling gap (uni-modal accuracy minus the fused model's, one modality present; lower is better):", "",
-              "| model | " + " | ".join(singles) + " |", "|---" * (len(singles) + 1) + "|"]
-    for role, gaps in report["ceiling_gaps"].items():
-        lines.append(f"| {role} | " + " | ".join(f"{gaps[n]:+.2f}" for n in singles) + " |")
-    return "\n".join(lines)
+def _pattern_keys(names: list[str]) -> list[str]:
+    return [pattern_key(p) for p in presence_patterns(names)]
+
+
+def train_seeds(dataset: str, recipe: Recipe, seeds: list[int], shipped_seed: int, selection: str = "prefer-ume",
+                root=None, max_samples: int | None = None, num_classes: int = 10,
+                class_names=None) -> tuple[dict[str, UMEModel], dict]:
+    """Train every seed (each exactly as it would train alone). Returns the shipped seed's models and the report."""
+    if shipped_seed not in seeds:
+        raise ValueError(f"the shipped seed {shipped_seed} is not among the seeds {seeds}")
+    started = time.perf_counter()
+    splits = load_splits(dataset, root, max_samples)
+    entries, shipped = [], None
+    for number, seed in enumerate(seeds, 1):
+        LOGGER.info(f"seed {seed} ({number} of {len(seeds)})")
+        models, entry = train_seed(splits, replace(recipe, seed=seed), dataset, selection, num_classes, class_names)
+        entries.append(entry)
+        shipped = models if seed == shipped_seed else shipped
+    report = multi_seed_report(entries, shipped_seed, dataset, _pattern_keys(sorted(splits["train"][0])),
+                               round(time.perf_counter() - started, 1))
+    if not report["summary"]["targets"]["met_on_every_seed"]:
+        LOGGER.warning("the data-set targets are not met on validation for every seed (see the report's targets)")
+    return shipped, report
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (or ``yes``/``no``, ``1``/``0``); anything else is an error, never a silent false."""
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return words[text.lower()]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` -> ``[0, 1, 2]``: distinct integers."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, not {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ume_edge.train", description=(
+        "Train a UME-MMA model over one or more seeds: uni-modal encoders, UME, MMA (fine-tuned with "
+        "missing-modality augmentation), the naive joint baseline; select UME or MMA on validation; write one "
+        "seed's checkpoint and a report with every seed's results and their spread."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", default="avdigits", help="avdigits (shipped) or avmnist (needs --root)")
+    parser.add_argument("--root", help="data folder for avmnist (MultiBench layout)")
+    parser.add_argument("--out", type=Path, default=Path("models/avdigits.pt"),
+                        help="checkpoint to write; the report goes next to it as <name>-report.json")
+    parser.add_argument("--seeds", type=parse_seeds, default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--ship-seed", type=int, help="the seed whose selected model --out gets; None: the first "
+                        "of --seeds")
+    parser.add_argument("--selection", choices=SELECTION_RULES, default="prefer-ume", help=(
+        "UME or MMA, on validation: prefer-ume keeps UME unless MMA is better beyond noise (1.96 paired standard "
+        "errors of the mean accuracy over patterns), prefer-mma the reverse, higher-mean ignores the noise"))
+    parser.add_argument("--max-samples", type=int, help="keep only the first N pairs of every split (smoke runs; "
+                        "the numbers then mean little); None: every pair")
+    for recipe_field in fields(Recipe):
+        if recipe_field.name != "seed":
+            kind = parse_bool if isinstance(recipe_field.default, bool) else type(recipe_field.default)
+            parser.add_argument(f"--{recipe_field.name.replace('_', '-')}", type=kind, default=recipe_field.default,
+                                help=recipe_field.metadata["help"])
+    return parser
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ume_edge.train", description=(
-        "Train a UME-MMA model: uni-modal encoders, UME, MMA (fine-tuned with missing-modality augmentation), "
-        "the naive joint baseline; select UME or MMA on validation; write the checkpoint and a report."))
-    parser.add_argument("--dataset", default="avdigits", help="avdigits (shipped) or avmnist (needs --root)")
-    parser.add_argument("--root", help="data folder for avmnist (MultiBench layout)")
-    parser.add_argument("--out", type=Path, default=Path("models/avdigits.pt"), help="checkpoint to write")
-    defaults = Recipe()
-    for field, value in asdict(defaults).items():
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value, help=f"default: {value}")
+    parser = _parser()
     args = parser.parse_args(argv)
-    recipe = Recipe(**{f: getattr(args, f) for f in asdict(defaults)})
+    shipped_seed = args.seeds[0] if args.ship_seed is None else args.ship_seed
+    if shipped_seed not in args.seeds:
+        parser.error(f"--ship-seed {shipped_seed} is not among --seeds {','.join(map(str, args.seeds))}")
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe) if f.name != "seed"})
+    show_progress()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    started = time.perf_counter()
-    models, report = train_all(args.dataset, recipe, root=args.root, class_names=[str(d) for d in range(10)])
-    report["train_seconds"] = round(time.perf_counter() - started, 1)
+    models, report = train_seeds(args.dataset, recipe, args.seeds, shipped_seed, args.selection, args.root,
+                                 args.max_samples, class_names=[str(d) for d in range(10)])
     models["selected"].name = args.dataset
     models["selected"].save(args.out, report)
     report_path = args.out.with_name(args.out.stem + "-report.json")
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
-    print(f"\nselected: {report['selected']}; wrote {args.out} and {report_path} in {report['train_seconds']} s")
+    print(f"\nshipped: seed {shipped_seed}'s {report['selected']}; wrote {args.out} and {report_path} "
+          f"in {report['train_seconds']} s")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run as the imported module, so that its progress logs under ume_edge.train
+    from ume_edge.train import main as train_main
+
+    train_main()

@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-only", action="store_true",
                         help="with --backend tensorrt: write the TensorRT-ready ONNX, scripts and manifest; build no plan")
     parser.add_argument("--adopt", type=Path, metavar="DIR",
-                        help="make an export-only DIR whose scripts built the plans here into an engine directory")
+                        help="make an export-only DIR whose scripts built the plans here into an engine directory "
+                             "(default: build instead)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads for verification (default: all cores)")
     parser.add_argument("--allow-chance-accuracy", action="store_true",
                         help="build even when the fp32 model is no better than chance on the evaluation data")

@@ -39,8 +39,8 @@ def load_model(spec: str | None):
         return load_reference()
     try:
         return UMEModel.load(spec)
-    except (FileNotFoundError, BuildError):
-        raise
+    except FileNotFoundError as error:
+        raise BuildError(f"--model {error}") from None
     except SyntaxError as error:
         raise BuildError(f"--model {spec}: {error.filename}, line {error.lineno}: {error.msg}") from None
     except Exception as error:  # a user's factory or a foreign file can raise anything; name it and the cause
@@ -48,9 +48,10 @@ def load_model(spec: str | None):
         raise BuildError(f"--model {spec}: {kind} ({type(error).__name__}: {_first_line(error)})") from None
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: Exception, limit: int = 160) -> str:
     lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def read_data(spec: str | Path, role: str) -> DataSet:

@@ -1,10 +1,19 @@
-"""The Q/DQ rules TensorRT's explicit quantization expects, checked on an ONNX file before any build.
+"""The Q/DQ rules of TensorRT's explicit quantization, checked on an ONNX file before any build.
 
-TensorRT quantizes symmetrically to signed INT8: every zero-point is 0 and int8, weights carry one scale per
-output channel, activations one scale per tensor, biases stay float, and each QuantizeLinear feeds exactly one
-DequantizeLinear that feeds exactly one node. ONNX Runtime's ``quantize_static`` produces such a file with
-``activation_type=weight_type=QuantType.QInt8``, ``per_channel=True`` and the extra options
-``ActivationSymmetric``, ``WeightSymmetric``, ``DedicatedQDQPair`` (all True) and ``QuantizeBias=False``.
+Only what NVIDIA documents, each rule with its source in a comment:
+
+- [TYPES] TensorRT developer guide, "Working with Quantized Types": the quantization scheme is symmetric, the INT8
+  type signed ("INT8 (signed 8-bit integer)"); scaling is "per-tensor, per-channel, or block-wise".
+- [Q-OP] / [DQ-OP] TensorRT operator reference, "Quantize" / "Dequantize": the scale "must be a build-time
+  constant", a scalar for per-tensor or a 1-D tensor for per-channel quantization; "the zero_point must only contain
+  zero-valued coefficients"; the quantized side is int8, float8 or int4 (no uint8, no int32).
+- [WEIGHTS] Developer guide, "Explicit Quantization", "Quantized Weights": weights are given in high precision
+  behind a Quantize, or pre-quantized behind a Dequantize; per-channel weight scales run along the output-channel
+  axis (K of a convolution's KCRS kernel).
+
+What TensorRT accepts is accepted: a Q/DQ pair shared by several consumers (NVIDIA's ModelOpt writes them), per-tensor
+weight scales, a weight reached through Identity nodes. Placement (which tensors carry Q/DQ) is not a rule here:
+``quantize`` places them as NVIDIA recommends.
 """
 
 from __future__ import annotations
@@ -16,11 +25,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ume_edge.build.quantize import WEIGHTED_OPS
 from ume_edge.errors import BuildError
 
 QUANTIZE = "QuantizeLinear"
 DEQUANTIZE = "DequantizeLinear"
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the weight is input 1 of each
 ONNX_DEFAULT_DQ_AXIS = 1
 
 
@@ -29,24 +38,21 @@ class _GraphIndex:
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     producers: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
-    graph_outputs: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> _GraphIndex:
-        index = cls(graph_outputs={o.name for o in graph.output})
+        index = cls()
         index.constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         for node in graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 index.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            if node.op_type == "Identity" and node.input[0] in index.constants:  # an exporter sharing a weight
+                index.constants[node.output[0]] = index.constants[node.input[0]]
             for name in node.output:
                 index.producers[name] = node
             for name in filter(None, node.input):
                 index.consumers.setdefault(name, []).append(node)
         return index
-
-    def use_count(self, name: str) -> int:
-        """Nodes reading ``name``, plus one when it is a graph output."""
-        return len(self.consumers.get(name, [])) + (name in self.graph_outputs)
 
 
 def check_tensorrt_qdq(model_or_path: onnx.ModelProto | str | os.PathLike) -> list[str]:
@@ -54,14 +60,10 @@ def check_tensorrt_qdq(model_or_path: onnx.ModelProto | str | os.PathLike) -> li
     graph = _load(model_or_path).graph
     index = _GraphIndex.of(graph)
     qdq_nodes = [n for n in graph.node if n.op_type in (QUANTIZE, DEQUANTIZE)]
-    if not qdq_nodes:
+    if not qdq_nodes:  # "Explicit Quantization": INT8 comes from Q/DQ; implicit calibration is deprecated since 10.1
         return ["no QuantizeLinear/DequantizeLinear nodes: an INT8 file for TensorRT must carry explicit Q/DQ "
                 "(TensorRT dropped implicit INT8 calibration)"]
-    violations: list[str] = []
-    for node in qdq_nodes:
-        violations += _node_violations(node, index)
-        violations += _pairing_violations(node, index)
-    return violations
+    return [violation for node in qdq_nodes for violation in _node_violations(node, index)]
 
 
 def assert_tensorrt_qdq(model_or_path: onnx.ModelProto | str | os.PathLike, what: str | None = None) -> None:
@@ -104,16 +106,18 @@ def _label(node: onnx.NodeProto) -> str:
 def _node_violations(node: onnx.NodeProto, index: _GraphIndex) -> list[str]:
     dtype = _quantized_dtype(node, index)
     if node.op_type == DEQUANTIZE and dtype == np.int32:
+        # [DQ-OP]: a Dequantize takes int8, float8 or int4; an int32 (quantized bias) input is no TensorRT layer.
         return [f"{_label(node)} dequantizes an int32 tensor (a quantized bias); TensorRT needs float biases: "
                 "quantize with QuantizeBias=False"]
     violations = _dtype_violations(node, dtype) + _zero_point_violations(node, index)
     weight_consumer = _weight_consumer(node, index)
     if weight_consumer is None:
-        return violations + _per_tensor_violations(node, index)
-    return violations + _per_channel_violations(node, weight_consumer, index)
+        return violations + _activation_scale_violations(node, index)
+    return violations + _weight_scale_violations(node, weight_consumer, index)
 
 
 def _dtype_violations(node: onnx.NodeProto, dtype: np.dtype | None) -> list[str]:
+    # [TYPES], [Q-OP]: INT8 is signed; a Quantize outputs int8, float8 or int4, never uint8.
     if dtype is None or dtype == np.int8:
         return []
     hint = " (quantize with activation_type=QuantType.QInt8)" if dtype == np.uint8 else ""
@@ -122,6 +126,7 @@ def _dtype_violations(node: onnx.NodeProto, dtype: np.dtype | None) -> list[str]
 
 
 def _zero_point_violations(node: onnx.NodeProto, index: _GraphIndex) -> list[str]:
+    # [TYPES]: symmetric quantization; [Q-OP], [DQ-OP]: "the zero_point must only contain zero-valued coefficients".
     if len(node.input) < 3 or not node.input[2]:
         return []
     zero_point = index.constants.get(node.input[2])
@@ -134,7 +139,9 @@ def _zero_point_violations(node: onnx.NodeProto, index: _GraphIndex) -> list[str
     return []
 
 
-def _per_tensor_violations(node: onnx.NodeProto, index: _GraphIndex) -> list[str]:
+def _activation_scale_violations(node: onnx.NodeProto, index: _GraphIndex) -> list[str]:
+    # [Q-OP], [DQ-OP]: the scale "must be a build-time constant"; per-channel scales are for weights ([WEIGHTS]), so an
+    # activation takes one scale: a scalar.
     scale = index.constants.get(node.input[1])
     if scale is None:
         return [f"{_label(node)} has a scale computed at run time; TensorRT needs a constant scale"]
@@ -144,37 +151,22 @@ def _per_tensor_violations(node: onnx.NodeProto, index: _GraphIndex) -> list[str
     return []
 
 
-def _per_channel_violations(node: onnx.NodeProto, consumer: onnx.NodeProto, index: _GraphIndex) -> list[str]:
+def _weight_scale_violations(node: onnx.NodeProto, consumer: onnx.NodeProto, index: _GraphIndex) -> list[str]:
+    # [Q-OP], [DQ-OP]: a build-time constant scale, a scalar (per-tensor, accepted: [TYPES]) or 1-D (per-channel);
+    # [WEIGHTS]: per-channel along the output channels.
     scale = index.constants.get(node.input[1])
+    where = f"{_label(node)} (weight of {consumer.op_type} {consumer.name or consumer.output[0]!r})"
+    if scale is None:
+        return [f"{where} has a scale computed at run time; TensorRT needs constant weight scales"]
+    if scale.size == 1:
+        return []
     weight = _weight_array(node, index)
     expected_axis = _output_channel_axis(consumer, weight.ndim)
     channels = weight.shape[expected_axis]
-    where = f"{_label(node)} (weight of {consumer.op_type} {consumer.name or consumer.output[0]!r})"
-    if scale is None:
-        return [f"{where} has a scale computed at run time; TensorRT needs constant per-channel weight scales"]
-    if scale.size == 1 and channels == 1:
-        return []
-    if scale.size == 1:
-        return [f"{where} has a per-tensor scale; TensorRT needs per-channel weight scales, one for each of the "
-                f"{channels} output channels on axis {expected_axis} (quantize with per_channel=True)"]
     axis = _axis(node, weight.ndim)
     if scale.ndim != 1 or axis != expected_axis or scale.size != channels:
         return [f"{where} has per-channel scales of shape {list(scale.shape)} on axis {axis}; TensorRT needs "
                 f"{channels} scales on the output-channel axis {expected_axis}"]
-    return []
-
-
-def _pairing_violations(node: onnx.NodeProto, index: _GraphIndex) -> list[str]:
-    output = node.output[0]
-    readers = index.consumers.get(output, [])
-    uses = index.use_count(output)
-    if node.op_type == QUANTIZE and (uses != 1 or readers[0].op_type != DEQUANTIZE):
-        kinds = sorted({r.op_type for r in readers})
-        return [f"{_label(node)} feeds {uses} consumer(s) {kinds}; TensorRT needs each QuantizeLinear to feed "
-                "exactly one DequantizeLinear (quantize with DedicatedQDQPair=True)"]
-    if node.op_type == DEQUANTIZE and uses != 1:
-        return [f"{_label(node)} feeds {uses} consumers; TensorRT needs a dedicated Q/DQ pair for each consumer "
-                "(quantize with DedicatedQDQPair=True)"]
     return []
 
 
@@ -196,9 +188,12 @@ def _weight_consumer(node: onnx.NodeProto, index: _GraphIndex) -> onnx.NodeProto
     outputs = [node.output[0]]
     if node.op_type == QUANTIZE:
         outputs = [dq.output[0] for dq in index.consumers.get(node.output[0], []) if dq.op_type == DEQUANTIZE]
-    for output in outputs:
+    while outputs:
+        output = outputs.pop()
         for consumer in index.consumers.get(output, []):
-            if consumer.op_type in WEIGHT_OPS and len(consumer.input) > 1 and consumer.input[1] == output:
+            if consumer.op_type == "Identity":
+                outputs.append(consumer.output[0])
+            elif consumer.op_type in WEIGHTED_OPS and len(consumer.input) > 1 and consumer.input[1] == output:
                 return consumer
     return None
 

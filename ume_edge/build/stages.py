@@ -21,6 +21,7 @@ from ume_edge import __version__, backends, engine_dir
 from ume_edge.backends.base import CompiledFiles, CompileJob, OpenOptions
 from ume_edge.build import gate, inputs
 from ume_edge.build.progress import note, stage
+from ume_edge.build.quantize import Quantizer
 from ume_edge.constants import (DEFAULT_CALIB_METHOD, DEFAULT_MAX_BATCH, DEFAULT_MAX_DROP, DEFAULT_PRECISION,
                                 ENGINES_DIR, PRECISIONS)
 from ume_edge.errors import BackendUnavailable, BuildError, EngineMismatch
@@ -154,14 +155,15 @@ def _run_stages(model, options: BuildOptions, backend, calib: inputs.DataSet, ev
     stage(2, STAGES, "exporting one ONNX per modality (encoder + its slice of the head)")
     exported = _export(model, work, calib.inputs)
     baseline = {name: e["fp32"] for name, e in exported.items()}
-    evaluator = gate.Evaluator(model, evaluation.inputs, evaluation.labels, options.threads)
+    evaluator = gate.Evaluator(model, evaluation.inputs, evaluation.labels, options.threads, options.max_batch)
     _refuse_chance_accuracy(evaluator, evaluation, options)
     stage(3, STAGES, f"calibrating and quantising, gating each modality at {options.max_drop} points"
           if options.precision == "int8" else f"preparing {options.precision} engines")
     chosen, tried = {}, {}
-    for name in model.modality_names:
-        chosen[name], tried[name] = gate.choose(name, baseline[name], calib.inputs[name], options, backend, work,
-                                                evaluator, baseline)
+    with Quantizer() as quantizer:
+        for name in model.modality_names:
+            chosen[name], tried[name] = gate.choose(name, baseline[name], calib.inputs[name], options, backend, work,
+                                                    evaluator, baseline, quantizer)
     stage(4, STAGES, f"compiling for {backend.name}" + (" (export only: no engine is built)"
                                                           if options.export_only else ""))
     params = FusionParams.from_model(model)
@@ -194,7 +196,8 @@ def _manifest(model, options, backend, chosen, tried, exported, compiled: Compil
         engine=_record(staging, compiled.engines[m.name]), onnx=_record(staging, compiled.onnx.get(m.name)),
         calibration=_record(staging, compiled.calibration.get(m.name)),
         calibration_method=chosen[m.name].method, quant_format=chosen[m.name].quant_format,
-        export_max_abs_diff=exported[m.name]["max_abs_diff"], gate=tried[m.name],
+        export_max_abs_diff=exported[m.name]["max_abs_diff"], float_layers=chosen[m.name].float_layers,
+        gate=tried[m.name],
     ) for m in model.modalities]
     params = FusionParams.from_model(model)
     return engine_dir.Manifest(
@@ -256,7 +259,9 @@ def format_summary(manifest: engine_dir.Manifest, out: Path, seconds: float | No
     for m in manifest.modalities:
         record = m.engine or m.onnx
         size = (out / record.path).stat().st_size / 1024
-        lines.append(f"| {m.name} | {m.precision} | {m.calibration_method or '-'} | {record.path} | {size:.0f} KiB |")
+        precision = m.precision + (f" ({len(m.float_layers)} layer group(s) float)" if m.float_layers else "")
+        lines.append(f"| {m.name} | {precision} | {m.calibration_method or '-'} | {record.path} | {size:.0f} KiB |")
+    lines += _float_layer_lines(manifest)
     data = manifest.accuracy
     few = data["samples"] < inputs.FEW_EVAL_SAMPLES
     lines += ["", f"{data['metric'].capitalize()} on {data['data']} ({data['samples']} samples), per presence pattern"
@@ -276,6 +281,16 @@ def format_summary(manifest: engine_dir.Manifest, out: Path, seconds: float | No
                   f"{out}, then `python -m ume_edge.build --adopt {out}`; or run `python -m ume_edge.build --backend "
                   f"{manifest.backend}` there."]
     return "\n".join(lines)
+
+
+def _float_layer_lines(manifest: engine_dir.Manifest) -> list[str]:
+    kept = [(m.name, layer) for m in manifest.modalities for layer in m.float_layers]
+    if not kept:
+        return []
+    lines = ["", "Layers kept in float by the per-layer fallback (the rest of each modality is INT8):", "",
+             "| modality | layer | op | worst drop if quantized |", "|---|---|---|---|"]
+    return lines + [f"| {name} | {layer['layer']} | {layer['op']} | {layer['drop_if_quantized']:+.2f} |"
+                    for name, layer in kept]
 
 
 def ensure_default_engines(precision: str = DEFAULT_PRECISION) -> Path:

@@ -120,7 +120,7 @@ class TensorRTBackend(Backend):
         written = {}
         for major in MAJOR_RELEASES:
             path = folder / script_name(major)
-            path.write_text(script(jobs, major, f"Then: python -m ume_edge.build --adopt {folder.name}"))
+            path.write_text(script(jobs, major, "Then: python -m ume_edge.build --adopt $PWD"))
             path.chmod(0o755)
             written[path.name] = path
         return written

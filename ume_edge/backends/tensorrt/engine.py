@@ -192,13 +192,15 @@ class TensorRTEngine:
         self.synchronize()
         cudart = self._cudart
         api.call(cudart.cudaStreamBeginCapture(self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+        enqueued = False
         try:
             enqueued = self._context.execute_async_v3(int(self._stream))
-        finally:
-            error, graph = cudart.cudaStreamEndCapture(self._stream)  # always end it, or the stream stays capturing
-        if not enqueued or error != cudart.cudaError_t.cudaSuccess:
-            if graph:
+        finally:  # always end the capture, or the stream stays capturing; the graph of a failed one is discarded
+            error, graph = cudart.cudaStreamEndCapture(self._stream)
+            failed = not enqueued or error != cudart.cudaError_t.cudaSuccess
+            if failed and graph:
                 api.call(cudart.cudaGraphDestroy(graph))
+        if failed:
             LOGGER.warning("%s: CUDA-graph capture at batch %d failed (%s); that batch runs without a graph",
                            self.path.name, batch, getattr(error, "name", error) if enqueued else "enqueue failed")
             return
