@@ -217,7 +217,7 @@ def headline(cases: list[Case]) -> list[str]:
     """The answers a newcomer looks for: INT8 against PyTorch, and what an absent modality saves."""
     full = {c.key: c for c in cases}
     pipeline = [c for c in cases if c.kind == "pipeline" and c.model == REFERENCE_MODEL]
-    patterns = sorted({c.target for c in pipeline}, key=lambda t: -t.count("+"))
+    patterns = sorted({c.target for c in pipeline}, key=lambda t: (-t.count("+"), t))
     if not patterns:
         return []
     everything, lines = patterns[0], []
