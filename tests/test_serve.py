@@ -23,6 +23,7 @@ from ume_edge.errors import InputError
 from ume_edge.runtime import Pipeline
 from ume_edge.serve import RUNTIMES, ServeProcess
 from ume_edge.serving import metrics
+from ume_edge.serving.metrics import EntryMetrics
 from ume_edge.serving.batching import Rejected, answer_requests
 from ume_edge.serving.process import Endpoints, free_ports
 from ume_edge.serving.pytriton import unanswered
@@ -347,6 +348,7 @@ def test_metrics_count_requests_rows_and_refusals_by_pattern(server, samples):
                                              "present": mixed}))
         with pytest.raises(Exception, match="NaN"):
             connection.infer("ume", grpc_inputs({"image": nan}))
+    time.sleep(3 * EntryMetrics.FLUSH_S)  # the entry model hands its counts to Triton every FLUSH_S
     after = metrics.parse(urllib.request.urlopen(server.metrics_url, timeout=5).read().decode())
     counted = metrics.difference(after, before)
     assert metrics.by_label(counted, metrics.REQUESTS, "pattern") == {"audio": 3, "audio+image": 2, "image": 1}

@@ -486,6 +486,8 @@ def run_client(url: str = "localhost:8001", model: str = "ume", dataset: str = "
     result = stream(url, model, inputs, scheduled, concurrency=concurrency, rate=rate, timeout_s=timeout_s,
                     max_failures=max_failures, progress=progress, send_mask=send_mask)
     summary = summarize(result, labels)
+    if before is not None:
+        time.sleep(2 * metrics.EntryMetrics.FLUSH_S)  # the entry model hands its counts to Triton that often
     summary["server"] = server_figures(before, scrape(metrics_url, timeout_s))
     summary["sync_dropped"] = replay.sync.dropped
     summary["settings"] = {"url": url, "model": model, "dataset": dataset, "split": split, "drop": drop or {},

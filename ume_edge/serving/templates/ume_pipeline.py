@@ -60,4 +60,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        self.metrics.close()
         self.pipeline.close()
