@@ -183,7 +183,8 @@ def bench_modules(monkeypatch):
 
 
 @pytest.mark.parametrize("markexpr, asserted", [("", False), ("target", True), ("not target", False),
-                                                ("not slow", False), ("target and not gpu", True)])
+                                                ("not slow", False), ("target and not gpu", True),
+                                                ("target or slow", False), ("(target)", True)])
 def test_targets_are_asserted_when_m_selects_targets_alone(bench_modules, markexpr, asserted):
     assert bench_modules[1].targets_asserted(markexpr) is asserted
 
