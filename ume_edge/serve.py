@@ -98,7 +98,7 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> int:
     options.endpoints.check_free()
     watchdog = Watchdog()
     try:
-        run = python_backend.serve if options.runtime == "python-backend" else pytriton.serve
+        run = {"python-backend": python_backend.serve, "pytriton": pytriton.serve}[options.runtime]
         code = run(options, stop, watchdog,
                    lambda models, log: print(banner(options, models, log), flush=True))
     finally:

@@ -18,7 +18,8 @@ from ume_edge.errors import UmeEdgeError
 from ume_edge.serving.process import TritonServer, make_temp_folder
 from ume_edge.serving.repository import ONNX_TEMPLATE, template_dir, write_repository
 
-SERVABLE_PLATFORMS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+# What a Triton config names (its platform, or its backend), as the kind of model file it serves.
+TRITON_MODEL_FILES = {"onnxruntime_onnx": "onnx", "onnxruntime": "onnx", "tensorrt_plan": "plan", "tensorrt": "plan"}
 
 
 class RepositoryError(UmeEdgeError):
@@ -51,12 +52,12 @@ def servable_copy(repository: Path, target: Path) -> list[str]:
     shutil.copytree(repository, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sh"))
     for path in configs:
         config = _read_config(path)
-        kind = SERVABLE_PLATFORMS.get(config.platform) or SERVABLE_PLATFORMS.get(config.backend)
-        if kind == "tensorrt":
+        kind = TRITON_MODEL_FILES.get(config.platform) or TRITON_MODEL_FILES.get(config.backend)
+        if kind == "plan":
             raise RepositoryError(f"{path.parent.name} is a TensorRT model: the tritonserver bundled here has only "
                                   "the python backend. Serve this repository on the GPU machine with tritonserver "
                                   f"--model-repository={repository.resolve()}")
-        if kind == "onnxruntime":
+        if kind == "onnx":
             _as_python_model(target / path.parent.name, config)
     return [path.parent.name for path in configs]
 
