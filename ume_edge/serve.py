@@ -158,14 +158,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--engines", type=Path, help="engine directory (default: the reference INT8 build, built "
                                                      "first if missing)")
     source.add_argument("--repository", type=Path, help="a Triton model repository written by "
-                                                        "python -m ume_edge.triton_repo (python-backend runtime)")
+                                                        "python -m ume_edge.triton_repo (python-backend runtime; "
+                                                        "default: serve --engines)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on; 0.0.0.0 for sensors on the network (use --grpc-server-cert then)")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port")
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Prometheus metrics port")
     parser.add_argument("--grpc-server-cert", type=Path, help="PEM certificate: serve gRPC over TLS (default: no TLS)")
-    parser.add_argument("--grpc-server-key", type=Path, help="PEM key of --grpc-server-cert")
+    parser.add_argument("--grpc-server-key", type=Path, help="PEM key of --grpc-server-cert (default: none)")
     parser.add_argument("--grpc-root-cert", type=Path, help="PEM root certificate: require client certificates "
                                                             "signed by it (mutual TLS; default: not required)")
     parser.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_MAX_QUEUE_DELAY_US,

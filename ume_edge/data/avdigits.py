@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ume_edge.cli_common import DefaultsFormatter
+
 DATA_FILE = Path(__file__).with_name("avdigits.npz")
 CLASS_NAMES = [str(d) for d in range(10)]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -235,11 +237,12 @@ def decode(arrays: dict[str, np.ndarray], split: str) -> tuple[dict[str, np.ndar
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m ume_edge.data.avdigits",
+        prog="python -m ume_edge.data.avdigits", formatter_class=DefaultsFormatter,
         description="Generate the AV-Digits data set (needs espeak-ng and scikit-learn).")
     parser.add_argument("--generate", action="store_true", help="generate the data set and write it")
     parser.add_argument("--export-split", choices=SPLITS,
-                        help="write one split as an NPZ of float32 model inputs and labels (the build's data format)")
+                        help="write one split as an NPZ of float32 model inputs and labels (the build's data format; "
+                             "default: none)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same file")
     parser.add_argument("--out", type=Path, default=DATA_FILE, help=f"output .npz (default: {DATA_FILE})")
     parser.add_argument("--workers", type=int, default=4, help="parallel espeak-ng processes")
