@@ -39,6 +39,8 @@ def targets_asserted(markexpr: str) -> bool:
 def pytest_configure(config):
     config.addinivalue_line("markers", "target: a performance target (ratios measured in the same run); "
                                        "asserted only under -m target")
+    config.addinivalue_line("markers", "heavy: builds the edge-size model or runs a concurrent load (minutes); the "
+                                       "test suite's quick run of the benchmarks leaves these out")
     config.stash[TARGETS_ASSERTED] = targets_asserted(config.option.markexpr)
     config.stash[STANDALONE_MEDIANS] = {}
     config.stash[TARGET_OUTCOMES] = []

@@ -194,6 +194,7 @@ def _batching(benchmark, target_run, server, dataset, modalities, model):
     return best, measured
 
 
+@pytest.mark.heavy
 @pytest.mark.target
 @pytest.mark.parametrize("server", ["python-backend"], indirect=True)  # the counts come from its presence metrics
 def test_batching_across_patterns_reference(benchmark, target_run, server, test_inputs):
@@ -203,6 +204,7 @@ def test_batching_across_patterns_reference(benchmark, target_run, server, test_
                         **measured)
 
 
+@pytest.mark.heavy
 @pytest.mark.target
 def test_batching_across_patterns_edge(benchmark, target_run, edge_server, edge_data, edge_inputs):
     best, measured = _batching(benchmark, target_run, edge_server, edge_data, edge_inputs, "edge")

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow  # builds, servers or subprocess runs
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
 ATOL = 1e-5
-LOAD_CLIENTS, LOAD_REQUESTS_EACH = 16, 1000
+LOAD_CLIENTS, LOAD_REQUESTS_EACH = 16, 250
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,7 @@ def test_encoder_model_rejects_nan_alone(server, pipeline, samples):
 @pytest.mark.slow
 @pytest.mark.triton
 def test_load_16_clients_random_patterns_nothing_lost(server, pipeline, avdigits_test):
-    """16 concurrent clients x 1,000 batch-1 requests with random presence patterns: every answer arrives and equals
+    """16 concurrent clients x 250 batch-1 requests with random presence patterns: every answer arrives and equals
     the in-process answer for that sample and pattern."""
     inputs, _ = avdigits_test
     names = [spec.name for spec in pipeline.modalities]
@@ -338,6 +338,7 @@ def test_a_present_mask_lets_every_pattern_share_a_batch(server, pipeline, sampl
 def test_metrics_count_requests_rows_and_refusals_by_pattern(server, samples):
     nan = samples["image"][:1].copy()
     nan[0, 0, 0, 0] = np.nan
+    time.sleep(3 * EntryMetrics.FLUSH_S)  # what earlier tests sent is counted before we start
     before = metrics.parse(urllib.request.urlopen(server.metrics_url, timeout=5).read().decode())
     with grpcclient.InferenceServerClient(server.grpc_url) as connection:
         for arrays in ({"audio": samples["audio"][:3]}, {"audio": samples["audio"][:1]},

@@ -413,13 +413,16 @@ def format_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def scrape(metrics_url: str | None, timeout_s: float) -> dict | None:
-    """The server's ``ume_*`` counters now, or None when there is no metrics URL or it does not answer."""
+def scrape(metrics_url: str | None, timeout_s: float, settle: bool = False) -> dict | None:
+    """The server's ``ume_*`` counters, or None when there is no metrics URL or it does not answer. With ``settle``,
+    after the entry model has handed Triton what it counted so far (it does every ``EntryMetrics.FLUSH_S``)."""
     if not metrics_url:
         return None
     import urllib.error
     import urllib.request
 
+    if settle:
+        time.sleep(2 * metrics.EntryMetrics.FLUSH_S)
     try:
         with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
             return metrics.parse(response.read().decode())
@@ -482,13 +485,11 @@ def run_client(url: str = "localhost:8001", model: str = "ume", dataset: str = "
     samples = len(next(iter(inputs.values())))
     replay = SensorReplay(sensors, samples, np.random.default_rng(seed), 1.0 / rate if rate else UNPACED_PERIOD_S)
     scheduled = replay.requests(samples if requests is None else requests)
-    before = scrape(metrics_url, timeout_s)
+    before = scrape(metrics_url, timeout_s, settle=True)
     result = stream(url, model, inputs, scheduled, concurrency=concurrency, rate=rate, timeout_s=timeout_s,
                     max_failures=max_failures, progress=progress, send_mask=send_mask)
     summary = summarize(result, labels)
-    if before is not None:
-        time.sleep(2 * metrics.EntryMetrics.FLUSH_S)  # the entry model hands its counts to Triton that often
-    summary["server"] = server_figures(before, scrape(metrics_url, timeout_s))
+    summary["server"] = server_figures(before, scrape(metrics_url, timeout_s, settle=before is not None))
     summary["sync_dropped"] = replay.sync.dropped
     summary["settings"] = {"url": url, "model": model, "dataset": dataset, "split": split, "drop": drop or {},
                            "jitter_ms": {name: sensors.mean_delay_ms(name) for name in sensors.modalities},
