@@ -135,17 +135,19 @@ class TargetRun:
         self.cross_checks: list[dict] = []
         self.ticks_at_start = cpu_ticks()
 
-    def interleave(self, *timed: Timed) -> list[float]:
-        medians = interleaved_medians(*(t.call for t in timed), block_s=self.block_s)
-        self.cross_checks += [self._cross_check(t, median) for t, median in zip(timed, medians)]
+    def interleave(self, *timed: Timed, rounds: int = ROUNDS) -> list[float]:
+        """Medians of ``rounds`` alternating blocks; fewer rounds for calls so long that each block is one call."""
+        medians = interleaved_medians(*(t.call for t in timed), block_s=self.block_s, rounds=rounds)
+        self.cross_checks += [self._cross_check(t, median, rounds) for t, median in zip(timed, medians)]
         return medians
 
-    def _cross_check(self, timed: Timed, interleaved_s: float) -> dict:
+    def _cross_check(self, timed: Timed, interleaved_s: float, rounds: int) -> dict:
         """The standalone median comes from this run's benchmark of the same case; where the run left that case out
         (``-m target`` deselects it), from timing the function alone here."""
         standalone_s, source = self.standalone_medians.get(timed.case), "benchmark"
         if standalone_s is None:
-            standalone_s, source = interleaved_medians(timed.call, block_s=self.block_s)[0], "timed alone"
+            standalone_s = interleaved_medians(timed.call, block_s=self.block_s, rounds=rounds)[0]
+            source = "timed alone"
         factor = max(interleaved_s, standalone_s) / min(interleaved_s, standalone_s)
         return {"case": timed.case, "interleaved_s": interleaved_s, "standalone_s": standalone_s,
                 "standalone_from": source, "plausible": factor <= PLAUSIBLE_FACTOR}

@@ -39,8 +39,9 @@ def targets_asserted(markexpr: str) -> bool:
 def pytest_configure(config):
     config.addinivalue_line("markers", "target: a performance target (ratios measured in the same run); "
                                        "asserted only under -m target")
-    config.addinivalue_line("markers", "heavy: builds the edge-size model or runs a concurrent load (minutes); the "
-                                       "test suite's quick run of the benchmarks leaves these out")
+    config.addinivalue_line("markers", "heavy: builds the edge-size model (about a minute the first time), times it, "
+                                       "or runs a concurrent load; the test suite's quick run of the benchmarks "
+                                       "leaves these out")
     config.stash[TARGETS_ASSERTED] = targets_asserted(config.option.markexpr)
     config.stash[STANDALONE_MEDIANS] = {}
     config.stash[TARGET_OUTCOMES] = []
@@ -170,3 +171,10 @@ def edge_inputs():
     from edge_model import calibration_data
 
     return calibration_data(64, seed=1)
+
+
+@pytest.fixture
+def standalone_medians(request) -> dict[str, float]:
+    """This run's medians by ``case_name``, which a target cross-checks its interleaved medians against; a case of a
+    kind that ``_keep_stats`` does not keep (``peak``) adds its own."""
+    return request.config.stash[STANDALONE_MEDIANS]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ume_edge import bench
@@ -40,8 +41,9 @@ def _tree_state() -> tuple[str, dict]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, int8_engines):
-    """The README's two commands, once: every suite (targets included, the heavy cases left out: they build the
-    edge-size model and run concurrent loads for minutes), then the report with its default --out."""
+    """The README's two commands, once: every suite (targets included) but the heavy cases, then the report with its
+    default --out. The heavy cases (the edge-size model's build and timing, the concurrent loads) would add minutes to
+    CI; the MAC counter they rest on and the report of their records are tested here without them."""
     before = _tree_state()
     results = tmp_path_factory.mktemp("bench") / "out" / "RESULTS.json"
     suites = _pytest("bench/", "-m", "not heavy", f"--benchmark-json={results}")
@@ -166,6 +168,14 @@ def test_edge_model_cases_add_compute_columns(tmp_path):
     text = (tmp_path / "edge" / "REPORT.md").read_text()
     assert "## Fraction of peak" in text and "| edge | audio | onnxruntime | int8 | 5% (2.0) |" in text
     assert "| model |" in text and "% of peak" in text
+    peaks = _write(tmp_path / "peaks.json", _benchmark("e", 0.001, model="edge", macs=2e6, gmac_per_s=2.0,
+                                                       peak_fraction=0.5),
+                   *(_benchmark(f"p{rate}", 0.01, kind="peak", precision="int8", gmac_per_s=rate, macs=2e9,
+                                input_shape=[1024, 1024], weight_shape=[1024, 1024]) for rate in (4.0, 3.0)))
+    bench.report(peaks, tmp_path / "peaks")
+    text = (tmp_path / "peaks" / "REPORT.md").read_text()
+    assert "| audio | onnxruntime | int8 | 1024 x 1024 | 1024 x 1024 | 10.000 | 4.0 | yes |" in text
+    assert "| 3.0 | - |" in text and "| peak |" not in text.split("## All cases")[1]  # peaks are no latencies
 
 
 def test_report_on_a_missing_file_says_how_to_make_one(tmp_path):
@@ -239,6 +249,7 @@ def test_a_missed_target_fails_only_when_asserted(bench_modules, monkeypatch):
 SYNTHETIC_SUITE = '''
 import time
 
+import numpy as np
 import pytest
 
 import cases
@@ -288,3 +299,53 @@ def test_gating_in_real_pytest_runs(tmp_path):
     asserted = _pytest(tmp_path, "-m", "target", cwd=tmp_path)
     assert asserted.returncode == 1
     assert "1 failed, 2 passed" in asserted.stdout and "FAILED test_synthetic.py::test_missed" in asserted.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the edge cases' multiply-accumulates (bench/peak.py)
+
+
+def _tiny_graph(path):
+    """Each counted operator once, at a symbolic batch N, with a head size computed from a Shape (as PyTorch exports
+    attention). Per sample: Conv 6x4x4 outputs x (2 channels per group x 3x3) = 1728; ConvTranspose 6x4x4 inputs x
+    (3 x 2x2) = 1152; Q.K^T 3x4x4 x 16 = 768; the MatMul with a [16, 5] weight 3x4x5 x 16 = 960; Gemm (transA) 7 x 60
+    = 420."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(np.ones(shape, np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], group=2, pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("ConvTranspose", ["c", "wt"], ["t"], strides=[2, 2]),  # [N, 3, 8, 8]
+             helper.make_node("Shape", ["t"], ["t_shape"]),
+             helper.make_node("Gather", ["t_shape", "last"], ["t_width"], axis=0),
+             helper.make_node("Mul", ["t_width", "t_width"], ["t_area"]),
+             helper.make_node("Div", ["t_area", "heads"], ["head_size"]),
+             helper.make_node("Concat", ["keep", "heads", "head_size"], ["q_shape"], axis=0),
+             helper.make_node("Reshape", ["t", "q_shape"], ["q"]),  # [N, 3, 4, 16]
+             helper.make_node("Transpose", ["q"], ["k"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "k"], ["scores"]),
+             helper.make_node("MatMul", ["q", "wm"], ["m"]),  # [N, 3, 4, 5]
+             helper.make_node("Flatten", ["m"], ["f"]),
+             helper.make_node("Transpose", ["f"], ["ft"], perm=[1, 0]),
+             helper.make_node("Gemm", ["ft", "wg"], ["y"], transA=1)]
+    constants = [numpy_helper.from_array(np.array(v, np.int64), n)
+                 for n, v in (("last", [3]), ("heads", [4]), ("keep", [0, 3]))]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
+                              [weight("wc", 6, 2, 3, 3), weight("wt", 6, 3, 2, 2), weight("wm", 16, 5),
+                               weight("wg", 60, 7), *constants])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_macs_are_counted_from_the_graph_at_each_batch(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    peak = importlib.import_module("peak")
+    path = _tiny_graph(tmp_path / "tiny.onnx")
+    for batch in (1, 3):
+        assert peak.count_macs(path, batch) == {"Conv": 1728 * batch, "ConvTranspose": 1152 * batch,
+                                                 "MatMul": (768 + 960) * batch, "Gemm": 420 * batch}
+    assert peak.total_macs(path, 3) == 5028 * 3

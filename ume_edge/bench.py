@@ -4,11 +4,11 @@ Run the suites first (``pytest bench/ --benchmark-json=bench/out/RESULTS.json``)
 (``bench/out/report/``); the committed baseline (``bench/baseline/``) changes only with ``--update-baseline``.
 
 Every benchmark records its case in ``extra_info``: ``kind`` (engine | pipeline | served, the latencies; target |
-memory), ``target`` (a modality, a presence pattern such as ``audio+image``, or the target's name), ``backend``
-(pytorch | onnxruntime | tensorrt | pytriton | python-backend), ``precision`` and ``batch``; optionally ``model``
-(``reference`` when absent), ``macs``, ``gmac_per_s`` and ``peak_fraction``. A target case adds ``status`` (met |
-missed | inconclusive), its ``checks`` and ``cross_checks``. The report puts each latency beside PyTorch eager fp32
-for the same model, kind, target and batch.
+memory | peak, a microbenchmark of this machine's peak rate), ``target`` (a modality, a presence pattern such as
+``audio+image``, or the target's name), ``backend`` (pytorch | onnxruntime | tensorrt | pytriton | python-backend),
+``precision`` and ``batch``; optionally ``model`` (``reference`` when absent), ``macs``, ``gmac_per_s`` and
+``peak_fraction``. A target case adds ``status`` (met | missed | inconclusive), its ``checks`` and ``cross_checks``.
+The report puts each latency beside PyTorch eager fp32 for the same model, kind, target and batch.
 """
 
 from __future__ import annotations
@@ -197,20 +197,37 @@ def memory_section(cases: list[Case]) -> list[str]:
 
 
 def peak_section(cases: list[Case]) -> list[str]:
-    """Fraction of the machine's peak per encoder and precision, for the cases that record it."""
+    """Fraction of the machine's peak per encoder and precision, for the cases that record it, and the peaks: the
+    microbenchmarks (kind ``peak``) whose best rate per precision is that precision's peak."""
     rows = [c for c in cases if c.kind == "engine" and "peak_fraction" in c.extra]
-    if not rows:
+    peaks = [c for c in cases if c.kind == "peak" and "gmac_per_s" in c.extra]
+    if not rows and not peaks:
         return []
-    batches = sorted({c.batch for c in rows})
-    lines = ["## Fraction of peak", "", "Per encoder and precision: % of peak (GMAC/s).", "",
-             "| model | encoder | backend | precision | " + " | ".join(f"batch {b}" for b in batches) + " |",
-             "|" + "---|" * (4 + len(batches))]
-    for group in sorted({(c.model, c.target, c.backend, c.precision) for c in rows}):
-        by_batch = {c.batch: c for c in rows if (c.model, c.target, c.backend, c.precision) == group}
-        cells = [f"{by_batch[b].extra['peak_fraction']:.0%} ({by_batch[b].extra.get('gmac_per_s', float('nan')):.1f})"
-                 if b in by_batch else "-" for b in batches]
-        lines.append("| " + " | ".join([*group, *cells]) + " |")
-    return [*lines, ""]
+    lines = ["## Fraction of peak", ""]
+    if rows:
+        batches = sorted({c.batch for c in rows})
+        lines += ["Per encoder and precision: % of peak (GMAC/s).", "",
+                  "| model | encoder | backend | precision | " + " | ".join(f"batch {b}" for b in batches) + " |",
+                  "|" + "---|" * (4 + len(batches))]
+        for group in sorted({(c.model, c.target, c.backend, c.precision) for c in rows}):
+            by_batch = {c.batch: c for c in rows if (c.model, c.target, c.backend, c.precision) == group}
+            cells = [f"{by_batch[b].extra['peak_fraction']:.0%} "
+                     f"({by_batch[b].extra.get('gmac_per_s', float('nan')):.1f})" if b in by_batch else "-"
+                     for b in batches]
+            lines.append("| " + " | ".join([*group, *cells]) + " |")
+        lines.append("")
+    if peaks:
+        best = {p: max(c.extra["gmac_per_s"] for c in peaks if c.precision == p) for p in {c.precision for c in peaks}}
+        lines += ["The peak of a precision is the best rate of its microbenchmarks, measured in the same run:", "",
+                  "| microbenchmark | backend | precision | input | weight | median ms | GMAC/s | peak |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for case in sorted(peaks, key=lambda c: (c.precision, c.target)):
+            shapes = [" x ".join(map(str, case.extra.get(k, []))) or "-" for k in ("input_shape", "weight_shape")]
+            rate = case.extra["gmac_per_s"]
+            lines.append(f"| {case.target} | {case.backend} | {case.precision} | {shapes[0]} | {shapes[1]} | "
+                         f"{_ms(case.median_s)} | {rate:.1f} | {'yes' if rate == best[case.precision] else '-'} |")
+        lines.append("")
+    return lines
 
 
 def headline(cases: list[Case]) -> list[str]:
