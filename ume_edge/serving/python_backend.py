@@ -14,16 +14,11 @@ import sys
 import threading
 from pathlib import Path
 
-from ume_edge.errors import UmeEdgeError
 from ume_edge.serving.process import TritonServer, make_temp_folder
-from ume_edge.serving.repository import ONNX_TEMPLATE, template_dir, write_repository
+from ume_edge.serving.repository import ONNX_TEMPLATE, RepositoryError, template_dir, write_repository
 
 # What a Triton config names (its platform, or its backend), as the kind of model file it serves.
 TRITON_MODEL_FILES = {"onnxruntime_onnx": "onnx", "onnxruntime": "onnx", "tensorrt_plan": "plan", "tensorrt": "plan"}
-
-
-class RepositoryError(UmeEdgeError):
-    """A model repository that the bundled tritonserver cannot serve; the message says what to do instead."""
 
 
 def _read_config(path: Path):

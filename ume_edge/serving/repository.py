@@ -48,7 +48,7 @@ TRITON_DTYPES = {
 
 
 class RepositoryError(UmeEdgeError):
-    """The repository cannot be written as asked; the message says why and what to do."""
+    """A repository that cannot be written, or served, as asked; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
