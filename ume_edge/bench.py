@@ -323,7 +323,9 @@ def _plain_log_axis(ax) -> None:
 
 def plot_latency_per_pattern(cases: list[Case], out: Path, colours: dict[str, str]) -> Path | None:
     """Median latency per presence pattern: one panel per batch size, in-process and served (gRPC) side by side."""
-    shown = [c for c in cases if c.kind in ("pipeline", "served") and c.model == REFERENCE_MODEL]
+    reference = [c for c in cases if c.kind in ("pipeline", "served") and c.model == REFERENCE_MODEL]
+    presence_patterns = {c.target for c in reference if c.kind == "pipeline"}
+    shown = [c for c in reference if c.target in presence_patterns]  # not Triton's floor (an empty model)
     if not shown:
         return None
     plt = _pyplot()
