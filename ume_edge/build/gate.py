@@ -106,12 +106,11 @@ class Evaluator:
 
 def _candidate(name: str, files: QuantizedFiles, backend) -> Candidate:
     """An INT8 candidate; a TensorRT-target file that breaks TensorRT's rules fails only a backend that enforces them."""
-    from ume_edge.build.qdq_rules import check_tensorrt_qdq
+    from ume_edge.build.qdq_rules import check_tensorrt_qdq, violations_error
 
     problems = check_tensorrt_qdq(files.tensorrt_s8s8)
     if problems and backend.enforces_tensorrt_rules:
-        listing = "\n".join(f"  - {p}" for p in problems)
-        raise BuildError(f"modality {name!r} breaks {len(problems)} TensorRT Q/DQ rule(s):\n{listing}")
+        raise violations_error(f"modality {name!r}", problems)
     return Candidate("int8", files.cpu_u8s8, files.tensorrt_s8s8, files.method, backend.int8_format,
                      files.calibration_cache, problems, quantized=files)
 

@@ -66,13 +66,18 @@ def check_tensorrt_qdq(model_or_path: onnx.ModelProto | str | os.PathLike) -> li
     return [violation for node in qdq_nodes for violation in _node_violations(node, index)]
 
 
+def violations_error(subject: str, violations: list[str]) -> BuildError:
+    """The error a TensorRT build gives for ``violations`` of ``subject`` (a file or a modality)."""
+    listing = "\n".join(f"  - {v}" for v in violations)
+    return BuildError(f"{subject} breaks {len(violations)} TensorRT Q/DQ rule(s):\n{listing}")
+
+
 def assert_tensorrt_qdq(model_or_path: onnx.ModelProto | str | os.PathLike, what: str | None = None) -> None:
     """Raise ``BuildError`` listing every violation; ``what`` names the file or modality in the message."""
     violations = check_tensorrt_qdq(model_or_path)
     if violations:
         subject = what or (str(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else "the model")
-        listing = "\n".join(f"  - {v}" for v in violations)
-        raise BuildError(f"{subject} breaks {len(violations)} TensorRT Q/DQ rule(s):\n{listing}")
+        raise violations_error(subject, violations)
 
 
 def count_qdq(model_or_path: onnx.ModelProto | str | os.PathLike) -> dict[str, int]:
