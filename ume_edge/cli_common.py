@@ -29,10 +29,25 @@ def strict_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _ProgressHandler(logging.StreamHandler):
+    """The one handler ``show_progress`` adds (found again by its type, so a second call adds nothing). It writes to
+    whatever ``sys.stderr`` is when a message is logged, not to the stream of the first call."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def show_progress(verbose: bool = False) -> None:
-    """Show ume-edge's progress and warnings (INFO and up; DEBUG with ``verbose``) on stderr, message only."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    """Show ume-edge's progress and warnings (INFO and up; DEBUG with ``verbose``) on stderr, message only.
+    Calling it again (a command's ``main()`` run twice in one process) changes the level, never adds a handler."""
     logger = logging.getLogger("ume_edge")
-    logger.addHandler(handler)
+    if not any(isinstance(handler, _ProgressHandler) for handler in logger.handlers):
+        handler = _ProgressHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
