@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api_tables import check_object, known_names, load_cuda, load_tensorrt  # tests/api_tables.py
+from api_conformance import check_object, known_names, load_cuda, load_tensorrt  # tests/api_conformance.py; pytest puts tests/ on sys.path
 from fake_trtexec import H100, PlanHeader, serialize_plan  # tests/fake_trtexec.py
 from trt_fakes import CUDA_TEST_ONLY, TENSORRT_TEST_ONLY, FakeCuda, FakeTensorRT  # tests/trt_fakes.py
 

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from api_tables import load_tensorrt  # tests/api_tables.py; pytest puts tests/ on sys.path
+from api_conformance import load_tensorrt  # tests/api_conformance.py; pytest puts tests/ on sys.path
 from fake_trtexec import ORIN, timing_cache_bytes
 from trt_fakes import FakeCuda, install, needs_tensorrt_and_gpu
 from ume_edge import backends

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api_tables import load_cuda, load_tensorrt  # tests/api_tables.py
+from api_conformance import load_cuda, load_tensorrt  # tests/api_conformance.py; pytest puts tests/ on sys.path
 from fake_trtexec import (H100, PRECISION_FLAGS, Device, PlanHeader, has_dla, parse_plan, release_tuple, serialize_plan,
                           timing_cache_bytes, timing_cache_matches)
 

@@ -215,7 +215,7 @@ class _CollectedWarnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def serve_requests() -> None:
+def run_worker_loop() -> None:
     """The worker's loop: a pickled ``(function, args)`` per request on stdin, a pickled reply on what was stdout.
     fd 1 itself goes to /dev/null (``print`` and native writes alike), and a handler on this process's root logger
     collects the warnings so that ONNX Runtime's module-level logging calls print nothing."""
@@ -292,7 +292,7 @@ class Quantizer:
         return variant
 
     def _start(self) -> None:
-        command = f"import sys; sys.path[:] = {sys.path!r}; from {__name__} import serve_requests; serve_requests()"
+        command = f"import sys; sys.path[:] = {sys.path!r}; from {__name__} import run_worker_loop; run_worker_loop()"
         self._stderr = tempfile.TemporaryFile()
         self._process = subprocess.Popen([sys.executable, "-c", command], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=self._stderr)
