@@ -93,6 +93,10 @@ class ModalityRecord:
                                     "(worst drop in points with that layer back in INT8)", default_factory=list)
     gate: list[dict] = _doc("every accuracy-gate trial: method, worst drop, drops per pattern, passed",
                             default_factory=list)
+    value_range: list[int] | None = _doc("int64 inputs: the valid ids `[low, high)`, `high` being the rows of the "
+                                         "embedding table the ids index (read from the exported ONNX); inference "
+                                         "refuses ids outside it. Null when unknown (ids below 0 are still refused) "
+                                         "and for float inputs", default=None)
 
 
 @dataclass
@@ -234,6 +238,10 @@ def _check_values(manifest: Manifest) -> None:
             problems.append(f"modalities[{m.name}].precision: {m.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not m.shape or any(d < 1 for d in m.shape):
             problems.append(f"modalities[{m.name}].shape: {m.shape} must be positive sizes")
+        if m.value_range is not None and (m.dtype != "int64" or len(m.value_range) != 2
+                                          or not 0 <= m.value_range[0] < m.value_range[1]):
+            problems.append(f"modalities[{m.name}].value_range: {m.value_range} must be [low, high) with "
+                            "0 <= low < high, and only for int64 inputs")
     if fusion.mode not in FUSION_MODES or fusion.mode != model.fusion:
         problems.append(f"fusion.mode: {fusion.mode!r} (model.fusion {model.fusion!r})")
     if sorted(fusion.modality_order) != sorted(names):
@@ -402,6 +410,42 @@ def _check_fusion_graph(path: Path, where: str, fusion: FusionRecord, num_classe
     if not (same_ops and same_constants):
         raise EngineMismatch(f"{path} ({where}) does not compute the {fusion.mode.upper()} fusion the manifest "
                              f"describes (operations or constants differ); {REBUILD_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the valid ids of an integer input
+
+# Ops that pass their input's values through unchanged (only the shape may change).
+_VALUE_PRESERVING_OPS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+
+
+def index_range(onnx_path: str | os.PathLike, input_name: str) -> list[int] | None:
+    """``[0, rows]`` when ``input_name`` (through value-preserving ops) indexes the rows of initializer tables with
+    ``Gather`` (an embedding lookup), the smallest table deciding; None when it cannot be told."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    table_rows = {i.name: i.dims[0] for i in graph.initializer if i.dims}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    carrying, rows = [input_name], []
+    seen = {input_name}
+    while carrying:
+        tensor = carrying.pop()
+        for node in consumers.get(tensor, []):
+            if node.op_type == "Gather" and list(node.input[1:2]) == [tensor] and _gather_axis(node) == 0 \
+                    and node.input[0] in table_rows:
+                rows.append(table_rows[node.input[0]])
+            elif node.op_type in _VALUE_PRESERVING_OPS and node.input[0] == tensor:
+                carrying += [out for out in node.output if out not in seen]
+                seen.update(node.output)
+    return [0, int(min(rows))] if rows else None
+
+
+def _gather_axis(node) -> int:
+    return next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

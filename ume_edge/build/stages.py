@@ -198,6 +198,7 @@ def _manifest(model, options, backend, chosen, tried, exported, compiled: Compil
         calibration_method=chosen[m.name].method, quant_format=chosen[m.name].quant_format,
         export_max_abs_diff=exported[m.name]["max_abs_diff"], float_layers=chosen[m.name].float_layers,
         gate=tried[m.name],
+        value_range=engine_dir.index_range(exported[m.name]["fp32"], m.name) if m.dtype == "int64" else None,
     ) for m in model.modalities]
     params = FusionParams.from_model(model)
     return engine_dir.Manifest(
