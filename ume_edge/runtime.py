@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,43 @@ class ModalitySpec:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    value_range: tuple[int, int] | None = None  # valid integer ids [low, high), when the build could tell
+
+
+class PipelineClosed(UmeEdgeError):
+    """``infer`` on a Pipeline that was closed (or is closing)."""
+
+
+def check_values(spec: ModalitySpec, x: np.ndarray) -> None:
+    """Refuse what the engines would answer wrongly: NaN or Inf, and integer ids outside the modality's range (an
+    ONNX Gather wraps negative ids around and fails on ids past the table)."""
+    if spec.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise InputError(f"modality {spec.name!r}: {bad} NaN or Inf value(s); clean the sensor data first", "nan")
+    if spec.dtype.kind not in "iu":
+        return
+    low, high = spec.value_range or (0, None)
+    outside = (x < low) if high is None else (x < low) | (x >= high)
+    if outside.any():
+        rows = np.flatnonzero(outside.reshape(len(x), -1).any(axis=1))
+        valid = f"[{low}, {high})" if high is not None else f"{low} or more"
+        raise InputError(f"modality {spec.name!r}: value {x[outside][0]} (rows {rows[:8].tolist()}) is outside the "
+                         f"valid ids {valid}; send ids the model was trained with", "range")
+
+
+class CheckedEncoder:
+    """One modality's engine that refuses the values ``check_values`` refuses, as an ``InputError``."""
+
+    def __init__(self, engine, spec: ModalitySpec):
+        self.engine, self.spec = engine, spec
+        self.input_names, self.output_names = engine.input_names, engine.output_names
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_values(self.spec, feeds[self.spec.name])
+        return self.engine.infer(feeds)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 @dataclass
@@ -41,18 +79,21 @@ class Pipeline:
 
     def __init__(self, path: Path, manifest: engine_dir.Manifest, executor, options: OpenOptions = OpenOptions()):
         self.path, self.manifest, self.executor, self.options = path, manifest, executor, options
-        self.modalities = [ModalitySpec(m.name, tuple(m.shape), np.dtype(m.dtype))
+        self.modalities = [ModalitySpec(m.name, tuple(m.shape), np.dtype(m.dtype),
+                                        None if m.value_range is None else tuple(m.value_range))
                            for m in (manifest.modality(n) for n in manifest.fusion.modality_order)]
         self.modality_names = [m.name for m in self.modalities]
         self.max_batch = manifest.max_batch
         self.num_classes = manifest.model.num_classes
         self.class_names = manifest.model.class_names
+        self._state = threading.Condition()  # guards executor, _closing and _running
+        self._closing, self._running = False, 0
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None, options: OpenOptions | None = None) -> "Pipeline":
         """Open an engine directory after checking it (``engine_dir.load``) and that it fits this machine."""
         path = Path(path)
-        options = options or OpenOptions(threads=threads)
+        options = options or OpenOptions(threads=threads)  # refuses threads this machine cannot have
         manifest = engine_dir.load(path)
         if manifest.export_only:
             raise EngineMismatch(f"{path} was written with --export-only: it holds the files to build engines on the "
@@ -63,18 +104,23 @@ class Pipeline:
         backend.check_compatible(manifest, options)
         return cls(path, manifest, backend.open(path, manifest, options), options)
 
-    def open_encoder(self, name: str):
+    def open_encoder(self, name: str) -> CheckedEncoder:
         """One modality's engine on its own, ``infer({name: x}) -> {"partial_logits": ...}`` (to serve or time an
-        encoder alone); the caller closes it."""
+        encoder alone), refusing values as ``infer`` does; the caller closes it."""
         manifest = self.manifest
-        return backends.get(manifest.backend).open_engine(self.path / manifest.modality(name).engine.path,
-                                                          self.options, manifest.device)
+        engine = backends.get(manifest.backend).open_engine(self.path / manifest.modality(name).engine.path,
+                                                            self.options, manifest.device)
+        return CheckedEncoder(engine, next(spec for spec in self.modalities if spec.name == name))
 
     def close(self) -> None:
-        """Free the engines; safe to call twice."""
-        if self.executor is not None:
-            self.executor.close()
-            self.executor = None
+        """Free the engines once the inferences already running have finished; later ones raise
+        ``PipelineClosed``. Safe to call twice."""
+        with self._state:
+            self._closing = True
+            self._state.wait_for(lambda: self._running == 0)
+            executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.close()
 
     def __enter__(self):
         return self
@@ -83,8 +129,18 @@ class Pipeline:
         self.close()
 
     def infer(self, inputs: dict[str, np.ndarray | None], present: dict[str, np.ndarray] | None = None) -> Prediction:
-        if self.executor is None:
-            raise UmeEdgeError(f"this Pipeline of {self.path} was closed; load it again")
+        with self._state:
+            if self._closing:
+                raise PipelineClosed(f"the pipeline of {self.path} is closed; load it again with Pipeline.load")
+            self._running += 1
+        try:
+            return self._infer(inputs, present)
+        finally:
+            with self._state:
+                self._running -= 1
+                self._state.notify_all()
+
+    def _infer(self, inputs, present) -> Prediction:
         given, batch = self._validate(inputs)
         mask = self._presence(given, {} if present is None else present, batch)
         try:
@@ -127,9 +183,7 @@ class Pipeline:
         if len(x) > self.max_batch:
             raise InputError(f"modality {spec.name!r}: batch of {len(x)} is above the built maximum "
                              f"{self.max_batch}; split it, or rebuild with --max-batch {len(x)}", "batch_size")
-        if spec.dtype.kind == "f" and not np.isfinite(x).all():
-            bad = int(np.count_nonzero(~np.isfinite(x)))
-            raise InputError(f"modality {spec.name!r}: {bad} NaN or Inf value(s); clean the sensor data first", "nan")
+        check_values(spec, x)
         return np.ascontiguousarray(x)
 
     def _presence(self, given: dict[str, np.ndarray], present, batch: int) -> np.ndarray:

@@ -9,6 +9,7 @@ compares backend names: whatever differs between runtimes is an attribute or a m
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +18,20 @@ import numpy as np
 
 from ume_edge.constants import LOGITS, PARTIAL_LOGITS, PRESENT, PROBS
 from ume_edge.errors import BuildError, UmeEdgeError
+
+
+class OptionError(UmeEdgeError, ValueError):
+    """An option this machine cannot honour (more threads than cores, ...)."""
+
+
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count outside 1 to this machine's cores (``None``: the runtime's default)."""
+    cores = os.cpu_count() or 1
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise OptionError(f"threads={threads!r}: give a whole number from 1 to {cores} (the cores of this machine), "
+                          "or leave it unset to use them all")
 
 
 class Engine(Protocol):
@@ -47,6 +62,9 @@ class OpenOptions:
     threads: int | None = None
     device_id: int = 0
     cuda_graph_batch_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        check_threads(self.threads)
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ume_edge.backends.base import Backend, CompiledFiles, CompileJob, HostExecutor, OpenOptions, TritonModel
+from ume_edge.backends.base import (Backend, CompiledFiles, CompileJob, HostExecutor, OpenOptions, TritonModel,
+                                   check_threads)
 from ume_edge.errors import BackendUnavailable, EngineMismatch
 
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
@@ -65,6 +66,7 @@ class OnnxRuntimeEngine:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         self.path = Path(path)
+        check_threads(threads)
         threads = threads or default_threads()
         self.session = _session(self.path, threads)
         self.small_batch_session = _session(self.path, 1) if threads > 1 else self.session
