@@ -9,6 +9,7 @@ row is never computed, and a request that cannot be answered gets a ``Rejected``
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +18,14 @@ from ume_edge.constants import LABEL, LOGITS, PRESENT, PROBS
 from ume_edge.data import pattern_key
 from ume_edge.errors import InputError
 
+LOGGER = logging.getLogger(__name__)
+FAILED = "failed"  # the reason of a request the engines failed on (not one the input checks refused)
+
 
 @dataclass
 class Rejected:
-    """A request that gets an error response instead of outputs, and why in one word (for metrics)."""
+    """A request that gets an error response instead of outputs, and why in one word (for metrics; ``FAILED`` when
+    the engines failed on it rather than its input being refused)."""
 
     message: str
     reason: str = "invalid"
@@ -77,8 +82,8 @@ def _masked_request(mask: np.ndarray, arrays: dict, names: list[str], count: int
 
 def answer_requests(pipeline, requests: list[dict[str, np.ndarray]]) -> list[dict | Rejected]:
     """Outputs (or the reason for refusing) for each request of one batch, with one ``Pipeline.infer`` call.
-    If the pipeline refuses the stack (a value problem such as NaN), each request is answered alone so the error
-    lands on the request that caused it."""
+    If the stack fails (a value problem such as NaN, or the engines failing on some rows), each request is answered
+    alone so the error lands on the request that caused it."""
     return answer_checked(pipeline, [check_request(r, pipeline.modality_names) for r in requests])
 
 
@@ -95,10 +100,25 @@ def _answer_valid(pipeline, batch: list[Request]) -> list[dict | Rejected]:
         return []
     try:
         return _infer_stacked(pipeline, batch)
-    except InputError as error:
+    except Exception as error:  # noqa: BLE001 - whatever failed, only the request that caused it may get the error
         if len(batch) == 1:
-            return [Rejected(str(error), error.reason)]
-        return [_answer_valid(pipeline, [request])[0] for request in batch]
+            return [_rejection(error)]
+        if not isinstance(error, InputError):
+            LOGGER.warning("a batch of %d requests failed; answering each alone", len(batch), exc_info=True)
+        return [_answer_alone(lambda r=request: _infer_stacked(pipeline, [r])[0]) for request in batch]
+
+
+def _answer_alone(infer) -> dict | Rejected:
+    try:
+        return infer()
+    except Exception as error:  # noqa: BLE001
+        return _rejection(error)
+
+
+def _rejection(error: Exception) -> Rejected:
+    if isinstance(error, InputError):
+        return Rejected(str(error), error.reason)
+    return Rejected(f"inference failed: {error}", FAILED)
 
 
 def _infer_stacked(pipeline, batch: list[Request]) -> list[dict]:
@@ -130,18 +150,15 @@ def _stack(name: str, batch: list[Request], bounds: np.ndarray) -> np.ndarray:
 
 
 def answer_encoder_requests(engine, name: str, output_name: str, arrays: list[np.ndarray]) -> list[dict | Rejected]:
-    """One modality's engine output for each request; non-finite input is refused per request."""
-    answers: list = [None] * len(arrays)
-    valid = []
-    for index, array in enumerate(arrays):
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            answers[index] = Rejected(f"input {name!r} holds NaN or infinite values; send finite values, or leave "
-                                      f"{name!r} out if that sensor has no reading", "nan")
-        else:
-            valid.append(index)
-    if valid:
-        output = engine.infer({name: np.concatenate([arrays[i] for i in valid])})[output_name]
-        bounds = np.cumsum([0] + [len(arrays[i]) for i in valid])
-        for index, a, b in zip(valid, bounds[:-1], bounds[1:]):
-            answers[index] = {output_name: output[a:b]}
-    return answers
+    """One modality's engine output for each request, in one call when they all succeed; otherwise (the engine
+    refused or failed on some values) each request alone, so only the culprit gets the error."""
+    try:
+        output = engine.infer({name: np.concatenate(arrays)})[output_name]
+    except Exception as error:  # noqa: BLE001 - answered below, request by request
+        if len(arrays) == 1:
+            return [_rejection(error)]
+        if not isinstance(error, InputError):
+            LOGGER.warning("a batch of %d %r requests failed; answering each alone", len(arrays), name, exc_info=True)
+        return [_answer_alone(lambda a=array: {output_name: engine.infer({name: a})[output_name]}) for array in arrays]
+    bounds = np.cumsum([0] + [len(array) for array in arrays])
+    return [{output_name: output[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]

@@ -2,17 +2,37 @@
 
 ``python -m ume_edge.triton_repo --encoder-backend python`` copies this file next to each encoder's (and the
 fusion's) ``model.onnx``. Inputs and outputs are the ones in ``config.pbtxt``. The requests of one batch are
-stacked into a single ``session.run`` and the outputs split back per request.
+stacked into a single ``session.run`` and the outputs split back per request; if that run fails, each request runs
+alone, so only the one that caused the failure gets an error.
 
-Parameters (``config.pbtxt``, all optional): ``intra_op_threads`` (default 0 = ONNX Runtime's choice) and
-``allow_spinning`` ("0" or "1", default "0": many small sessions share the cores, so idle threads should sleep).
+A request is refused on its own when a float input holds NaN or Inf, an integer input holds an id outside its valid
+range (never below 0), or, for the fusion, a ``present`` row holds anything but 0 and 1 or no 1 at all.
+
+Parameters (``config.pbtxt``, all optional): ``intra_op_threads`` (default 0 = ONNX Runtime's choice, else 1 to the
+machine's cores), ``allow_spinning`` ("0" or "1", default "0": many small sessions share the cores, so idle threads
+should sleep) and ``value_ranges`` (JSON, input name -> ``[low, high)`` of the valid integer ids).
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+PRESENT = "present"
+
+
+def _error(message):
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+def _threads(text):
+    cores = os.cpu_count() or 1
+    if not text.isdigit() or int(text) > cores:
+        raise ValueError(f"parameter intra_op_threads={text!r}: give 0 (ONNX Runtime's choice) or 1 to {cores} "
+                         "(the cores of this machine)")
+    return int(text)
 
 
 class TritonPythonModel:
@@ -23,7 +43,7 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(parameters.get("intra_op_threads", "0"))
+        options.intra_op_num_threads = _threads(parameters.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", parameters.get("allow_spinning", "0"))
         options.log_severity_level = 3
@@ -32,6 +52,7 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_names = [tensor["name"] for tensor in config["output"]]
+        self.value_ranges = json.loads(parameters.get("value_ranges", "{}"))
 
     def execute(self, requests):
         feeds_per_request = [
@@ -45,10 +66,9 @@ class TritonPythonModel:
         stacked = {name: np.concatenate([feeds_per_request[i][name] for i in valid]) for name in self.input_names}
         try:
             outputs = self.session.run(self.output_names, stacked)
-        except Exception as error:
-            message = f"{self.model_name}: ONNX Runtime failed: {error}"
+        except Exception:  # answered below, request by request
             for index in valid:
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+                responses[index] = self._run_alone(feeds_per_request[index])
             return responses
         bounds = np.cumsum([0] + [len(feeds_per_request[i][self.input_names[0]]) for i in valid])
         for index, start, end in zip(valid, bounds[:-1], bounds[1:]):
@@ -56,11 +76,50 @@ class TritonPythonModel:
                 [pb_utils.Tensor(name, output[start:end]) for name, output in zip(self.output_names, outputs)])
         return responses
 
+    def _run_alone(self, feeds):
+        try:
+            outputs = self.session.run(self.output_names, feeds)
+        except Exception as error:
+            return _error(f"{self.model_name}: ONNX Runtime failed: {error}")
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, output)
+                                           for name, output in zip(self.output_names, outputs)])
+
     def _refusal(self, feeds):
-        """An error response for a request with non-finite float input, else None."""
+        """An error response naming what is wrong with one request's inputs, else None."""
         for name, array in feeds.items():
-            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-                message = (f"{self.model_name}: input {name!r} holds NaN or infinite values; send finite values, "
-                           f"or leave {name!r} out if that sensor has no reading")
-                return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+            problem = self._problem(name, array)
+            if problem:
+                return _error(f"{self.model_name}: {problem}")
         return None
+
+    def _problem(self, name, array):
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            return (f"input {name!r} holds NaN or infinite values; send finite values, or leave {name!r} out if that "
+                    "sensor has no reading")
+        if np.issubdtype(array.dtype, np.integer):
+            return self._id_problem(name, array)
+        if name == PRESENT:
+            return _presence_problem(array)
+        return None
+
+    def _id_problem(self, name, array):
+        low, high = self.value_ranges.get(name, (0, None))
+        outside = (array < low) if high is None else (array < low) | (array >= high)
+        if not outside.any():
+            return None
+        rows = np.flatnonzero(outside.reshape(len(array), -1).any(axis=1))
+        valid = f"[{low}, {high})" if high is not None else f"{low} or more"
+        return (f"input {name!r}: value {array[outside][0]} (rows {rows[:8].tolist()}) is outside the valid ids "
+                f"{valid}; send ids the model was trained with")
+
+
+def _presence_problem(present):
+    """The fusion's presence mask must say, per row, which modalities are present: 0 or 1 each, at least one 1."""
+    not_binary = np.flatnonzero(((present != 0) & (present != 1)).any(axis=1))
+    if len(not_binary):
+        return (f"input {PRESENT!r}: rows {not_binary[:8].tolist()} hold values other than 0 and 1; mark each "
+                "modality 1 (present) or 0 (absent)")
+    empty = np.flatnonzero(~(present == 1).any(axis=1))
+    if len(empty):
+        return f"input {PRESENT!r}: rows {empty[:8].tolist()} have no modality present; mark at least one 1 per row"
+    return None

@@ -2,12 +2,13 @@
 
 ``python -m ume_edge.triton_repo`` copies this file to ``<repository>/ume/1/model.py`` and writes the config:
 one ``optional: true`` input per modality, outputs ``logits``/``probs`` (float32 [C]) and ``label`` (int64 [1]),
-and parameters naming the modality order, the encoder models and the fusion model.
+and parameters naming the modality order, the encoder models and the fusion model, and (optional) ``value_ranges``:
+JSON, modality -> ``[low, high)`` of its valid integer ids (ids below 0 are refused without it).
 
 One ``execute`` call receives the requests the dynamic batcher grouped. Bad requests get their own error
-response; the rest are stacked: each modality's present rows go to its encoder in one call (concurrently, with
+response (NaN or Inf, ids outside the valid range, wrong sizes); the rest are stacked: each modality's present rows go to its encoder in one call (concurrently, with
 ``async_exec``), an absent modality's encoder is never called, and the fusion runs once on the ``[B, M, C]`` partial
-logits and the ``[B, M]`` presence mask.
+logits and the ``[B, M]`` presence mask. If that fails, each request runs alone, so only its culprit gets the error.
 """
 
 import asyncio
@@ -34,6 +35,10 @@ def _cpu_outputs():
     return {}
 
 
+def _response(outputs):
+    return pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in outputs.items()])
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -48,21 +53,29 @@ class TritonPythonModel:
         self.dtypes = {name: pb_utils.triton_string_to_numpy(pb_utils.get_input_config_by_name(
             config, name)["data_type"]) for name in self.modalities}
         self.memory = _cpu_outputs()
+        self.value_ranges = json.loads(parameters.get("value_ranges", "{}"))
 
     async def execute(self, requests):
         parsed = [self._parse_or_error(request) for request in requests]
         good = [index for index, item in enumerate(parsed) if isinstance(item, dict)]
         responses = [item if not isinstance(item, dict) else None for item in parsed]
-        if good:
-            try:
-                results = await self._infer([parsed[index] for index in good])
-                for index, result in zip(good, results):
-                    responses[index] = pb_utils.InferenceResponse(
-                        [pb_utils.Tensor(name, value) for name, value in result.items()])
-            except Exception as error:  # an encoder or the fusion failed: every request of the batch learns why
-                for index in good:
-                    responses[index] = _error(f"ume: inference failed: {error}")
+        if not good:
+            return responses
+        try:
+            results = await self._infer([parsed[index] for index in good])
+        except Exception:  # an encoder or the fusion failed on some rows: find whose, request by request
+            for index in good:
+                responses[index] = await self._answer_alone(parsed[index])
+            return responses
+        for index, result in zip(good, results):
+            responses[index] = _response(result)
         return responses
+
+    async def _answer_alone(self, request):
+        try:
+            return _response((await self._infer([request]))[0])
+        except Exception as error:
+            return _error(f"ume: inference failed: {error}")
 
     # -- validation ----------------------------------------------------------------------------------------
 
@@ -96,7 +109,18 @@ class TritonPythonModel:
             bad_rows = np.flatnonzero(~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1))
             raise BadRequest(f"input {name!r} holds NaN or infinite values (rows {bad_rows[:8].tolist()}); "
                              f"send finite values, or leave {name!r} out if that sensor has no reading")
+        if np.issubdtype(array.dtype, np.integer):
+            self._check_ids(name, array)
         return array
+
+    def _check_ids(self, name, array):
+        low, high = self.value_ranges.get(name, (0, None))
+        outside = (array < low) if high is None else (array < low) | (array >= high)
+        if outside.any():
+            rows = np.flatnonzero(outside.reshape(array.shape[0], -1).any(axis=1))
+            valid = f"[{low}, {high})" if high is not None else f"{low} or more"
+            raise BadRequest(f"input {name!r}: value {array[outside][0]} (rows {rows[:8].tolist()}) is outside the "
+                             f"valid ids {valid}; send ids the model was trained with")
 
     # -- inference -----------------------------------------------------------------------------------------
 

@@ -17,12 +17,12 @@ import triton_python_backend_utils as pb_utils
 
 from ume_edge.constants import PRESENT
 from ume_edge.runtime import Pipeline
-from ume_edge.serving.batching import Rejected, Request, answer_checked, check_request
+from ume_edge.serving.batching import FAILED, Rejected, Request, answer_checked, check_request
 from ume_edge.serving.metrics import EntryMetrics
 
 
-def _error(message):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+def _error(message, invalid_argument=True):
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_argument else None
     error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
@@ -52,7 +52,7 @@ class TritonPythonModel:
         for item, answer in zip(checked, answers):
             if isinstance(answer, Rejected):
                 self.metrics.rejected(answer.reason)
-                responses.append(_error(f"ume: {answer.message}"))
+                responses.append(_error(f"ume: {answer.message}", invalid_argument=answer.reason != FAILED))
                 continue
             self.metrics.answered(item.patterns(self.names), elapsed_us)
             responses.append(pb_utils.InferenceResponse(
