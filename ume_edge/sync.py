@@ -20,6 +20,12 @@ Readings that cannot join are counted in ``dropped`` by reason and left out, nev
   frame, a reading opens a new frame instead);
 - ``non_finite``: the timestamp is NaN or infinite.
 
+A sensor whose clock jumps back (a reading stamped more than ``clock_jump_ms`` before that sensor's newest accepted
+reading, 1 s by default) would otherwise have every reading dropped as ``stale`` until its clock caught up. Instead
+the sync logs a WARNING naming the sensor and the jump, and from then on shifts that sensor's timestamps so that the
+reading lands where the sensor's previous reading plus the time passed on ``clock`` puts it; its readings join
+frames again. A jump forward cannot be told from a pause in the stream and is not corrected.
+
 An unknown modality name raises ``ValueError``: that is a programming error, not a sensor fault. Timestamps
 (``timestamp_s``) and the clock are separate time bases: timestamps only decide which readings belong together,
 the clock only measures deadlines. Choose ``window_ms`` below the sensors' sample period (half of it is a good
@@ -40,6 +46,7 @@ from typing import Any, Callable, Iterable
 LOGGER = logging.getLogger(__name__)
 
 DROP_REASONS = ("stale", "out_of_order", "duplicate", "non_finite")
+DEFAULT_CLOCK_JUMP_MS = 1000.0  # far beyond any reordering of readings that can still make a frame
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ class SensorSync:
     """Collects readings of ``modalities`` into frames; see the module docstring for the rules."""
 
     def __init__(self, modalities: Iterable[str], deadline_ms: float, window_ms: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, clock_jump_ms: float = DEFAULT_CLOCK_JUMP_MS):
         self.modalities = tuple(modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"SensorSync needs distinct modality names, got {list(self.modalities)}")
@@ -74,12 +81,15 @@ class SensorSync:
             raise ValueError(f"deadline_ms must be a positive number, got {deadline_ms}")
         if not (math.isfinite(window_ms) and window_ms >= 0):
             raise ValueError(f"window_ms must be a number >= 0, got {window_ms}")
-        self.deadline_s, self.window_s = deadline_ms / 1e3, window_ms / 1e3
+        if not (math.isfinite(clock_jump_ms) and clock_jump_ms > 0):
+            raise ValueError(f"clock_jump_ms must be a positive number, got {clock_jump_ms}")
+        self.deadline_s, self.window_s, self.clock_jump_s = deadline_ms / 1e3, window_ms / 1e3, clock_jump_ms / 1e3
         self._clock = clock
         self._lock = threading.Lock()
         self._open: list[_OpenFrame] = []  # sorted by timestamp
         self._last_emitted: float | None = None
-        self._latest: dict[str, float] = {}
+        self._latest: dict[str, tuple[float, float]] = {}  # modality -> (timestamp, clock time) of its newest reading
+        self._offsets = dict.fromkeys(self.modalities, 0.0)  # added to each modality's timestamps since a jump back
         self._dropped = dict.fromkeys(DROP_REASONS, 0)
 
     @property
@@ -122,9 +132,10 @@ class SensorSync:
         """Put the reading into its frame; returns why it was dropped, or ``None``."""
         if not math.isfinite(timestamp):
             return "non_finite"
+        timestamp = self._resynchronised(modality, timestamp, now)
         if self._last_emitted is not None and timestamp <= self._last_emitted + self.window_s:
             return "stale"
-        if timestamp < self._latest.get(modality, -math.inf):
+        if timestamp < self._latest.get(modality, (-math.inf,))[0]:
             return "out_of_order"
         frame = self._frame_for(timestamp)
         if frame is None:
@@ -133,8 +144,21 @@ class SensorSync:
         elif modality in frame.readings:
             return "duplicate"
         frame.readings[modality] = array
-        self._latest[modality] = timestamp
+        self._latest[modality] = (timestamp, now)
         return None
+
+    def _resynchronised(self, modality: str, timestamp: float, now: float) -> float:
+        """The timestamp on the modality's own time base, shifted anew when its clock has just jumped back."""
+        offset = self._offsets[modality]
+        newest, arrived = self._latest.get(modality, (-math.inf, now))
+        if timestamp + offset >= newest - self.clock_jump_s:
+            return timestamp + offset
+        expected = newest + max(0.0, now - arrived)
+        self._offsets[modality] = expected - timestamp
+        LOGGER.warning("the %s sensor's clock jumped back %.3f s (a reading stamped %.3f s after one stamped %.3f s); "
+                       "shifting its timestamps by %+.3f s from now on", modality, expected - timestamp - offset,
+                       timestamp, newest - offset, self._offsets[modality])
+        return expected
 
     def _frame_for(self, timestamp: float) -> _OpenFrame | None:
         """The open frame with the nearest first reading within the window (the older one on a tie)."""
