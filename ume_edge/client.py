@@ -13,25 +13,37 @@ when their frame was emitted; without it the samples lie far apart on the simula
 fast as ``--concurrency`` allows. Requests are asynchronous (``tritonclient.grpc``); every call honours
 ``--timeout-s``, and after ``--max-failures`` failed requests in a row the client stops sending. At the end it
 prints accuracy per presence pattern, latency p50/p90/p99 and throughput; ``run_client(...)`` returns the same as a
-dict.
+dict. Ctrl-C stops sending and prints the same for the requests sent so far (exit status 130).
+
+The data set and the ``--json`` path are checked before anything is sent: a file that is not a readable ``.npz``,
+no samples, modalities or labels of different lengths, or a ``--json`` path that cannot be written stop the client
+with one line (exit status 2). float64 inputs are sent as float32, what the model computes in.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import itertools
 import json
+import logging
+import os
 import sys
+import tempfile
 import threading
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ume_edge.cli_common import show_progress
 from ume_edge.constants import DEFAULT_METRICS_PORT, PRESENT
-from ume_edge.data import load, pattern_key
+from ume_edge.data import load, load_npz, pattern_key
+from ume_edge.errors import UmeEdgeError
 from ume_edge.serving import metrics
 from ume_edge.sync import Frame, SensorSync
 
@@ -41,6 +53,89 @@ DEFAULT_DEADLINE_JITTERS = 10.0  # without --deadline-ms: 10 mean delays of the 
 UNPACED_PERIOD_S = 60.0  # sample spacing on the simulated clock without --rate: samples never meet
 MAX_LOST_SAMPLES = 1000
 DEFAULT_MAX_FAILURES = 10
+INTERRUPT_GRACE_S = 1.0  # after Ctrl-C, how long the requests in flight may still answer
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+LOGGER = logging.getLogger(__name__)
+
+
+class SummaryNotSaved(UmeEdgeError):
+    """The run finished but its ``--json`` file could not be written; ``summary`` is the run's summary."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the data set and the --json file, checked before anything is sent
+
+
+def read_data_set(dataset: str, split: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The inputs and labels to replay, checked: one line naming the data set and the problem otherwise."""
+    inputs, labels = _read_npz(Path(dataset)) if dataset.endswith(".npz") else load(dataset, split)
+    samples = _count_samples(dataset, inputs)
+    if labels is not None and len(labels) != samples:
+        raise ValueError(f"{dataset}: {samples} samples but {len(labels)} labels; give one label per sample")
+    return {name: _as_float32(dataset, name, array) for name, array in inputs.items()}, labels
+
+
+def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    try:
+        return load_npz(path)
+    except FileNotFoundError as error:
+        raise ValueError(str(error)) from None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{path}: not a readable .npz ({error}); is the file truncated or corrupt?") from None
+
+
+def _count_samples(dataset: str, inputs: dict[str, np.ndarray]) -> int:
+    if not inputs:
+        raise ValueError(f"{dataset}: no input arrays (only labels); save one array per modality")
+    rows = {name: len(array) if array.ndim else 0 for name, array in inputs.items()}
+    if len(set(rows.values())) > 1:
+        counts = ", ".join(f"{name} {count}" for name, count in rows.items())
+        raise ValueError(f"{dataset}: the modalities have different numbers of samples ({counts})")
+    if not any(rows.values()):
+        raise ValueError(f"{dataset}: 0 samples; nothing to replay")
+    return next(iter(rows.values()))
+
+
+def _as_float32(dataset: str, name: str, array: np.ndarray) -> np.ndarray:
+    """float64 (numpy's default) rounded to the float32 the model computes in; refused if it would overflow."""
+    if array.dtype != np.float64:
+        return array
+    finite = np.abs(array[np.isfinite(array)])
+    if finite.size and finite.max() > np.finfo(np.float32).max:
+        raise ValueError(f"{dataset}: {name} is float64 with values beyond float32's range (the model takes "
+                         f"float32); scale the data before saving it")
+    LOGGER.warning("%s: %s is float64; sending it as float32, which the model takes", dataset, name)
+    return array.astype(np.float32)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse a ``--json`` path that could not be written at the end of the run."""
+    if path.is_dir():
+        raise ValueError(f"--json {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"--json {path}: the folder {path.parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as error:
+        raise ValueError(f"--json {path}: cannot write in {path.parent} ({error.strerror})") from None
+
+
+def write_json(path: Path, summary: dict) -> None:
+    """Write through a temporary file in the same folder: a failure never leaves half a file at ``path``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise SummaryNotSaved(f"--json {path}: could not write the summary ({error})", summary) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,6 +300,7 @@ class StreamResult:
     outcomes: list[Outcome]
     wall_s: float
     stopped: str | None = None  # why it stopped before sending every request
+    interrupted: bool = False  # by Ctrl-C
 
 
 class Progress:
@@ -276,34 +372,57 @@ def stream(url: str, model: str, inputs: dict[str, np.ndarray], requests: list[R
             raise ValueError(f"model {model!r} at {url} has no input {missing[0]!r} (it has {', '.join(datatypes)})")
         if send_mask and PRESENT not in datatypes:
             raise ValueError(f"model {model!r} at {url} takes no {PRESENT!r} mask; drop --send-mask")
+        _check_datatypes(inputs, datatypes, model)
         outputs = [grpcclient.InferRequestedOutput("label")]
         slots = threading.Semaphore(concurrency)
         tally = _Tally(max_failures)
         outcomes: list[Outcome] = []
         bar = Progress(len(requests), progress)
         start = time.perf_counter()
-        for request in requests:
-            if rate:
-                _sleep_until(start + request.send_at_s)
-            request_inputs = _request_inputs(inputs, request, datatypes, send_mask)
-            slots.acquire()
-            if tally.gave_up:
-                break
-            outcome = Outcome(request, time.perf_counter())
-            outcomes.append(outcome)
-            client.async_infer(model, request_inputs, _on_answer(outcome, slots, tally), outputs=outputs,
-                               client_timeout=timeout_s)
-            bar.update(tally.done)
-        tally.wait_for(len(outcomes), timeout_s + 5)
+        interrupted = False
+        try:
+            for request in requests:
+                if rate:
+                    _sleep_until(start + request.send_at_s)
+                request_inputs = _request_inputs(inputs, request, datatypes, send_mask)
+                slots.acquire()
+                if tally.gave_up:
+                    break
+                outcome = Outcome(request, time.perf_counter())
+                outcomes.append(outcome)
+                client.async_infer(model, request_inputs, _on_answer(outcome, slots, tally), outputs=outputs,
+                                   client_timeout=timeout_s)
+                bar.update(tally.done)
+            tally.wait_for(len(outcomes), timeout_s + 5)
+        except KeyboardInterrupt:
+            interrupted = True
+            with contextlib.suppress(KeyboardInterrupt):
+                tally.wait_for(len(outcomes), min(timeout_s, INTERRUPT_GRACE_S))
         wall_s = time.perf_counter() - start
         bar.update(tally.done, final=True)
-        stopped = None
-        if tally.gave_up:
-            stopped = (f"stopped after {max_failures} failed requests in a row (--max-failures {max_failures}); "
-                       f"sent {len(outcomes)} of {len(requests)}")
-        return StreamResult(outcomes, wall_s, stopped)
+        return StreamResult(outcomes, wall_s, _why_stopped(tally, interrupted, len(outcomes), len(requests)),
+                            interrupted)
     finally:
         client.close()
+
+
+def _check_datatypes(inputs: dict[str, np.ndarray], datatypes: dict[str, str], model: str) -> None:
+    from tritonclient.utils import np_to_triton_dtype
+
+    for name, array in inputs.items():
+        wanted = datatypes.get(name)
+        if wanted and np_to_triton_dtype(array.dtype) != wanted:
+            raise ValueError(f"the data set's {name} is {array.dtype} but model {model!r} takes {wanted}; "
+                             f"convert it before saving the .npz")
+
+
+def _why_stopped(tally: _Tally, interrupted: bool, sent: int, scheduled: int) -> str | None:
+    if interrupted:
+        return f"interrupted (Ctrl-C); sent {sent} of {scheduled}"
+    if tally.gave_up:
+        return (f"stopped after {tally.max_failures} failed requests in a row (--max-failures {tally.max_failures}); "
+                f"sent {sent} of {scheduled}")
+    return None
 
 
 class _Tally:
@@ -367,6 +486,7 @@ def summarize(result: StreamResult, labels: np.ndarray | None) -> dict:
         "dropped": _count(o.request.dropped for o in outcomes),
         "late": _count(o.request.late for o in outcomes),
         "stopped": result.stopped,
+        "interrupted": result.interrupted,
     }
 
 
@@ -480,7 +600,9 @@ def run_client(url: str = "localhost:8001", model: str = "ume", dataset: str = "
         raise ValueError(f"--timeout-s must be positive, got {timeout_s}")
     if max_failures < 0:
         raise ValueError(f"--max-failures must be 0 (never stop) or more, got {max_failures}")
-    inputs, labels = load(dataset, split)
+    if json_out:
+        check_writable(Path(json_out))
+    inputs, labels = read_data_set(dataset, split)
     sensors = SensorModel(list(inputs), drop or {}, jitter_ms or {}, deadline_ms)
     samples = len(next(iter(inputs.values())))
     replay = SensorReplay(sensors, samples, np.random.default_rng(seed), 1.0 / rate if rate else UNPACED_PERIOD_S)
@@ -489,7 +611,8 @@ def run_client(url: str = "localhost:8001", model: str = "ume", dataset: str = "
     result = stream(url, model, inputs, scheduled, concurrency=concurrency, rate=rate, timeout_s=timeout_s,
                     max_failures=max_failures, progress=progress, send_mask=send_mask)
     summary = summarize(result, labels)
-    summary["server"] = server_figures(before, scrape(metrics_url, timeout_s, settle=before is not None))
+    after = None if result.interrupted else scrape(metrics_url, timeout_s, settle=before is not None)
+    summary["server"] = server_figures(before, after)
     summary["sync_dropped"] = replay.sync.dropped
     summary["settings"] = {"url": url, "model": model, "dataset": dataset, "split": split, "drop": drop or {},
                            "jitter_ms": {name: sensors.mean_delay_ms(name) for name in sensors.modalities},
@@ -497,7 +620,7 @@ def run_client(url: str = "localhost:8001", model: str = "ume", dataset: str = "
                            "seed": seed, "timeout_s": timeout_s, "max_failures": max_failures,
                            "send_mask": send_mask, "metrics_url": metrics_url}
     if json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(Path(json_out), summary)
     return summary
 
 
@@ -555,6 +678,7 @@ def default_metrics_url(url: str, given: str | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    show_progress()
     try:
         summary = run_client(
             url=args.url, model=args.model, dataset=args.dataset, split=args.split,
@@ -564,13 +688,22 @@ def main(argv: list[str] | None = None) -> int:
             max_failures=args.max_failures, progress=not args.no_progress, json_out=args.json_out,
             send_mask=args.send_mask, metrics_url=default_metrics_url(args.url, args.metrics_url),
         )
-    except ValueError as error:
+    except SummaryNotSaved as error:
+        print(format_report(error.summary))
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (ValueError, UmeEdgeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED_EXIT_STATUS
     except Exception as error:  # tritonclient raises its own exception types for an unreachable server
         print(f"error: {error}\n(is the server running? start it with: python -m ume_edge.serve)", file=sys.stderr)
         return 1
     print(format_report(summary))
+    if summary["interrupted"]:
+        return INTERRUPTED_EXIT_STATUS
     return 0 if summary["errors"] == 0 else 1
 
 
