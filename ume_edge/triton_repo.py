@@ -14,8 +14,8 @@ from pathlib import Path
 from ume_edge import engine_dir
 from ume_edge.cli_common import DefaultsFormatter
 from ume_edge.errors import UmeEdgeError
-from ume_edge.serving.repository import (DEFAULT_MAX_QUEUE_DELAY_US, ENCODER_BACKENDS, ENTRIES, serve_hint,
-                                         write_repository)
+from ume_edge.serving.repository import (DEFAULT_MAX_QUEUE_DELAY_US, ENCODER_BACKENDS, ENTRIES, check_out,
+                                         serve_hint, write_repository)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +44,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
+        check_out(args.out)  # before the reference build, which takes minutes
         if args.engines is None:
             from ume_edge.build import ensure_default_engines
 

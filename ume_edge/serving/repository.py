@@ -18,19 +18,27 @@ stub, on a copy of the engine directory (no fusion model, no BLS hops; the Trito
 also takes an optional ``present`` mask (bool ``[M]`` per row) with every modality, so that requests of any presence
 pattern share batches, and counts requests by presence pattern on Triton's metrics endpoint.
 
-Only model folders this module wrote (their ``config.pbtxt`` starts with ``WRITTEN_BY``) are ever replaced.
+Only model folders (and scripts) this module wrote are ever replaced (a model's ``config.pbtxt`` starts with
+``WRITTEN_BY``); anything else in the way is refused before anything is written, and other entries stay untouched.
+The whole set is built in a staging folder beside the repository, on the same file system, and only then swapped in,
+so a run that fails leaves the repository exactly as it was (see "deciding, then swapping the whole set in").
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from ume_edge import backends, engine_dir
 from ume_edge.constants import (ENTRY_MODEL, FUSION_MODEL, LABEL, LOGITS, PARTIAL_LOGITS, PRESENT, PROBS,
                                 encoder_model_name)
 from ume_edge.errors import UmeEdgeError
+
+LOGGER = logging.getLogger(__name__)
 
 ENCODER_BACKENDS = ("auto", "python")
 ENTRIES = ("bls", "pipeline")
@@ -40,6 +48,7 @@ PIPELINE_TEMPLATE = "ume_pipeline.py"
 ONNX_TEMPLATE = "onnx_model.py"
 SOURCE_ONNX = "source.onnx"
 WRITTEN_BY = "# Written by python -m ume_edge.triton_repo; the next run replaces this model folder."
+SCRIPT_WRITTEN_BY = "Written by ume-edge"  # in the first lines of each target build script
 
 TRITON_DTYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
@@ -128,22 +137,10 @@ def template_dir() -> Path:
 # model folders
 
 
-def _fresh_model_dir(out: Path, name: str) -> Path:
-    """``out/name``, emptied if this module wrote it, with an empty version folder ``1``."""
-    model_dir = out / name
-    if model_dir.exists():
-        config = model_dir / "config.pbtxt"
-        if not config.is_file() or not config.read_text(errors="replace").startswith(WRITTEN_BY):
-            raise RepositoryError(f"{model_dir} exists and was not written by ume-edge; it was left untouched. "
-                                  "Choose another --out, or move that model")
-        shutil.rmtree(model_dir)
+def _write_model(folder: Path, name: str, config: dict, files: dict[str, Path]) -> Path:
+    """A new model folder ``folder/name``: ``config.pbtxt`` plus each ``files`` source copied to its relative target."""
+    model_dir = folder / name
     (model_dir / "1").mkdir(parents=True)
-    return model_dir
-
-
-def _write_model(out: Path, name: str, config: dict, files: dict[str, Path]) -> Path:
-    """A model folder: ``config.pbtxt`` plus each ``files`` source copied to its relative target."""
-    model_dir = _fresh_model_dir(out, name)
     (model_dir / "config.pbtxt").write_text(WRITTEN_BY + "\n" + to_pbtxt({"name": name, **config}))
     for target, source in files.items():
         shutil.copyfile(source, model_dir / target)
@@ -178,7 +175,7 @@ class _Writer:
         return "KIND_CPU" if self.python_models else \
             self.backend.triton_model(self.manifest, None).instance_kind
 
-    def encoder(self, out: Path, modality: engine_dir.ModalityRecord) -> Path:
+    def encoder(self, folder: Path, modality: engine_dir.ModalityRecord) -> Path:
         runtime, files, secondary = self._runtime(modality.name, modality.engine, modality.onnx)
         config = {
             **runtime,
@@ -186,9 +183,9 @@ class _Writer:
             "input": [_tensor(modality.name, modality.dtype, modality.shape)],
             "output": [_tensor(PARTIAL_LOGITS, "float32", [self.manifest.model.num_classes])],
         }
-        return _write_model(out, encoder_model_name(modality.name), config, files)
+        return _write_model(folder, encoder_model_name(modality.name), config, files)
 
-    def fusion(self, out: Path) -> Path:
+    def fusion(self, folder: Path) -> Path:
         fusion = self.manifest.fusion
         runtime, files, _ = self._runtime(FUSION_MODEL, fusion.engine, fusion.onnx)
         count, classes = len(self.manifest.modalities), self.manifest.model.num_classes
@@ -198,7 +195,7 @@ class _Writer:
             "input": [_tensor(PARTIAL_LOGITS, "float32", [count, classes]), _tensor(PRESENT, "float32", [count])],
             "output": [_tensor(LOGITS, "float32", [classes]), _tensor(PROBS, "float32", [classes])],
         }
-        return _write_model(out, FUSION_MODEL, config, files)
+        return _write_model(folder, FUSION_MODEL, config, files)
 
     def _entry_config(self, parameters: dict[str, str], takes_mask: bool = False) -> dict:
         classes, order = self.manifest.model.num_classes, self.manifest.fusion.modality_order
@@ -213,7 +210,7 @@ class _Writer:
             "parameters": _parameters(parameters),
         }
 
-    def bls_entry(self, out: Path) -> Path:
+    def bls_entry(self, folder: Path) -> Path:
         """``ume`` as BLS: calls the present modalities' encoder models, then the fusion model. An encoder whose
         engine runs one fixed batch (a DLA plan) gets its rows padded to that batch."""
         order = self.manifest.fusion.modality_order
@@ -226,20 +223,29 @@ class _Writer:
             "encoder_fixed_batch": json.dumps(fixed),
             "fusion_model": FUSION_MODEL,
         })
-        return _write_model(out, ENTRY_MODEL, config, {"1/model.py": template_dir() / ENTRY_TEMPLATE})
+        return _write_model(folder, ENTRY_MODEL, config, {"1/model.py": template_dir() / ENTRY_TEMPLATE})
 
-    def pipeline_entry(self, out: Path) -> Path:
+    def pipeline_entry(self, folder: Path) -> Path:
         """``ume`` running the whole Pipeline in Triton's Python stub, on a copy of the engine directory."""
         config = self._entry_config({"threads": str(self.threads or 0)}, takes_mask=True)
-        model_dir = _write_model(out, ENTRY_MODEL, config, {"1/model.py": template_dir() / PIPELINE_TEMPLATE})
+        model_dir = _write_model(folder, ENTRY_MODEL, config, {"1/model.py": template_dir() / PIPELINE_TEMPLATE})
         shutil.copytree(self.engines, model_dir / "1" / "engines",
                         ignore=shutil.ignore_patterns(engine_dir.STAGING_MARKER))
         return model_dir
 
-    def scripts(self, out: Path) -> list[Path]:
+    def write_all(self, folder: Path, entry: str) -> list[str]:
+        """Every model folder (and build script) into the empty ``folder``; their names, in the order written."""
+        written = [self.encoder(folder, modality) for modality in self.manifest.modalities]
+        if entry == "pipeline":
+            written.append(self.pipeline_entry(folder))
+        else:
+            written += [self.fusion(folder), self.bls_entry(folder), *self.scripts(folder)]
+        return [path.name for path in written]
+
+    def scripts(self, folder: Path) -> list[Path]:
         written = []
         for name, text in self.backend.target_build_scripts(self.manifest, self.targets).items():
-            path = out / name
+            path = folder / name
             path.write_text(text)
             path.chmod(0o755)
             written.append(path)
@@ -267,6 +273,7 @@ def write_repository(engines: str | Path, out: str | Path, *, encoder_backend: s
                      threads: int | None = None) -> list[Path]:
     """Write (or rewrite) the ``ume``, ``fusion`` and ``ume_<modality>`` models, and for an export-only directory
     the scripts that build its engines, in ``out``; returns what was written. Other files in ``out`` stay.
+    Everything is decided before anything is written, and the whole set is swapped in at the end.
 
     ``threads`` sets ONNX Runtime's threads in the Python-backend models (default: ONNX Runtime's choice).
     """
@@ -279,13 +286,175 @@ def write_repository(engines: str | Path, out: str | Path, *, encoder_backend: s
     _check_request(manifest, python_models, entry, instances, max_queue_delay_us)
     if not manifest.export_only:
         backends.get(manifest.backend)  # an unknown backend is refused before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out)
+    _cannot_write(out, recover_interrupted, out)
+    _refuse_foreign(out, _model_names(manifest, entry))
     writer = _Writer(engines, manifest, python_models, instances, max_queue_delay_us, threads)
-    written = [writer.encoder(out, modality) for modality in manifest.modalities]
-    if entry == "pipeline":
-        return written + [writer.pipeline_entry(out)]
-    written += [writer.fusion(out), writer.bls_entry(out)]
-    return written + writer.scripts(out)
+    staging = _cannot_write(out, _make_staging, out)
+    try:
+        names = writer.write_all(staging / _NEW, entry)
+        _refuse_foreign(out, names)  # the scripts too, and whatever appeared meanwhile
+        _swap_in(staging, out, names)
+    except OSError as error:
+        raise RepositoryError(f"cannot write the repository {out}: {error.strerror} ({error.filename}); it was left "
+                              "as it was") from error
+    finally:
+        _cannot_write(out, _close_staging, staging, out)
+    return [out / name for name in names]
+
+
+def _model_names(manifest: engine_dir.Manifest, entry: str) -> list[str]:
+    encoders = [encoder_model_name(name) for name in manifest.modality_names]
+    return encoders + ([ENTRY_MODEL] if entry == "pipeline" else [FUSION_MODEL, ENTRY_MODEL])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# deciding, then swapping the whole set in
+#
+# The new models are built in a staging folder beside ``out`` (inside it where ``out`` is a mount point: a rename
+# cannot cross file systems). Before the first swap the staging folder gets a journal of the new entries' inode
+# numbers; each entry then takes its place in one renameat2(RENAME_EXCHANGE), the old one moving into the staging
+# folder. A run that fails while swapping swaps everything back; one that was killed is swapped back by the next
+# run (``recover_interrupted``) before it decides anything. Once all are in, ``done`` marks the staging folder as
+# leftovers only.
+
+_STAGING_INFIX = ".ume-repo-"
+_NEW, _OLD, _DISCARDED = "new", "old", "discarded"
+_JOURNAL, _DONE = "journal.json", "done"
+
+
+def check_out(out: Path) -> None:
+    """Refuse, with one line, an ``out`` that is a file, lies under one, or is on a file system that cannot be
+    written; before any long work."""
+    if out.exists() and not out.is_dir():
+        raise RepositoryError(f"--out {out} is a file, not a folder; it was left untouched. Choose another path")
+    existing = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise RepositoryError(f"--out {out}: {existing} is a file, not a folder; choose another path")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise RepositoryError(f"--out {out}: {existing} cannot be written (read-only file system or no permission); "
+                              "choose a folder you can write to")
+
+
+def _cannot_write(out: Path, step, *args):
+    """``step(*args)``, its OSError as one line."""
+    try:
+        return step(*args)
+    except OSError as error:
+        raise RepositoryError(f"--out {out}: cannot write {error.filename} ({error.strerror}); choose a folder you can "
+                              "write to, or run the same command again once it is writable") from error
+
+
+def _is_ours(path: Path) -> bool:
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        config = path / "config.pbtxt"
+        return config.is_file() and config.read_text(errors="replace").startswith(WRITTEN_BY)
+    if not path.is_file():
+        return False
+    with path.open(errors="replace") as file:
+        return SCRIPT_WRITTEN_BY in file.read(1000)
+
+
+def _refuse_foreign(out: Path, names: list[str]) -> None:
+    foreign = [str(out / name) for name in names if _inode(out / name) is not None and not _is_ours(out / name)]
+    if len(foreign) == 1:
+        raise RepositoryError(f"{foreign[0]} exists and was not written by ume-edge; nothing was written. Choose "
+                              "another --out, or move it away")
+    if foreign:
+        raise RepositoryError(f"{', '.join(foreign)} exist and were not written by ume-edge; nothing was written. "
+                              "Choose another --out, or move them away")
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _staging_parent(out: Path) -> Path:
+    real = out.resolve()
+    if real.is_dir() and real.stat().st_dev != real.parent.stat().st_dev:
+        return real
+    return real.parent
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.resolve().name}{_STAGING_INFIX}"
+
+
+def _make_staging(out: Path) -> Path:
+    parent = _staging_parent(out)
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=parent))
+    (staging / engine_dir.STAGING_MARKER).touch()
+    (staging / _NEW).mkdir()
+    return staging
+
+
+def _replace(source: Path, target: Path, aside: Path) -> None:
+    """``source`` to ``target`` in one step; what was at ``target`` goes to ``aside``."""
+    if _inode(target) is None:
+        os.rename(source, target)
+        return
+    aside.parent.mkdir(exist_ok=True)
+    if engine_dir._exchange(source, target):
+        os.rename(source, aside)
+    else:  # no atomic swap on this file system
+        os.rename(target, aside)
+        os.rename(source, target)
+
+
+def _swap_in(staging: Path, out: Path, names: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    journal = staging / _JOURNAL
+    journal.with_suffix(".tmp").write_text(json.dumps({name: _inode(staging / _NEW / name) for name in names}))
+    os.replace(journal.with_suffix(".tmp"), journal)
+    for name in names:
+        _replace(staging / _NEW / name, out / name, staging / _OLD / name)
+    (staging / _DONE).touch()
+
+
+def _roll_back(staging: Path, out: Path) -> bool:
+    """Put back every old entry that a run which did not finish had swapped out; whether it had begun swapping."""
+    journal = staging / _JOURNAL
+    if (staging / _DONE).exists() or not journal.exists():
+        return False
+    for name, inode in json.loads(journal.read_text()).items():
+        old = next((p for p in (staging / _NEW / name, staging / _OLD / name) if _inode(p) not in (None, inode)), None)
+        target = out / name
+        if _inode(target) == inode:
+            if old is None:  # there was none
+                (staging / _DISCARDED).mkdir(exist_ok=True)
+                os.rename(target, staging / _DISCARDED / name)
+            else:
+                _replace(old, target, staging / _DISCARDED / name)
+        elif old is not None and _inode(target) is None:
+            os.rename(old, target)
+    journal.unlink()
+    return True
+
+
+def _close_staging(staging: Path, out: Path) -> None:
+    if _roll_back(staging, out):
+        LOGGER.warning("put back the models of %s that an unfinished run had replaced", out)
+    shutil.rmtree(staging)
+
+
+def recover_interrupted(out: Path) -> None:
+    """Undo what runs into ``out`` that were killed while swapping had done, and remove what they left."""
+    parent, prefix = _staging_parent(out), _staging_prefix(out)
+    if not parent.is_dir():
+        return
+    for staging in sorted(parent.glob(f"{prefix}*")):
+        pid = staging.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or engine_dir._pid_alive(int(pid)) or not staging.is_dir():
+            continue
+        if (staging / engine_dir.STAGING_MARKER).is_file() or not any(staging.iterdir()):
+            _close_staging(staging, out)
+            LOGGER.info("removed %s, left by a run that was killed", staging)
 
 
 def serve_hint(manifest: engine_dir.Manifest, out: Path) -> str:
