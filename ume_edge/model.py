@@ -10,16 +10,19 @@ mixed batches. An absent modality's encoder is never run. Fusion (see METHOD.md)
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ume_edge.errors import InputError
+from ume_edge.errors import InputError, UmeEdgeError
 
 FUSIONS = ("ume", "mma")
 CHECKPOINT_FORMAT = "ume-edge-checkpoint/1"
@@ -55,6 +58,20 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.features(x))
+
+
+class CheckpointRefused(UmeEdgeError, ValueError):
+    """A checkpoint names an encoder that ume-edge will not build: not a ``module:Class`` name, or not a module."""
+
+
+class UntrustedEncoder(CheckpointRefused):
+    """A checkpoint names an encoder class that is neither ume-edge's own nor trusted by the caller: building it would
+    import, and so run, whatever code the file names."""
+
+    def __init__(self, source: str, encoder: str):
+        super().__init__(f"{source} names encoder {encoder!r}, which is not one of ume-edge's; loading it would import "
+                         f"and run that code. If you wrote it and trust it, pass trusted_encoders=[{encoder!r}]")
+        self.source, self.encoder = source, encoder
 
 
 class TokenEncoder(nn.Module):
@@ -206,8 +223,11 @@ class UMEModel(nn.Module):
                     learn_placeholder=any(p.requires_grad for p in self.placeholders.values()))
 
     @classmethod
-    def load(cls, source: str | Path) -> "UMEModel":
-        """A checkpoint written by ``save``, or ``path/to/file.py:factory`` (a callable returning a UMEModel)."""
+    def load(cls, source: str | Path, trusted_encoders: Iterable[str] = ()) -> "UMEModel":
+        """A checkpoint written by ``save``, or ``path/to/file.py:factory`` (a callable returning a UMEModel).
+
+        A checkpoint's encoders must be ume-edge's own or named in ``trusted_encoders`` (``"module:Class"``): the
+        file is data, and importing a class it names runs that module's code."""
         text = str(source)
         if ".py:" in text:
             return _from_factory(text)
@@ -217,21 +237,46 @@ class UMEModel(nn.Module):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a ume-edge checkpoint (format {checkpoint.get('format')!r})")
-        model = cls.from_architecture(checkpoint["architecture"])
+        model = cls.from_architecture(checkpoint["architecture"], trusted_encoders, f"checkpoint {path}")
         model.load_state_dict(checkpoint["state_dict"])
         model.report = checkpoint.get("report")
         return model.eval()
 
     @classmethod
-    def from_architecture(cls, arch: dict) -> "UMEModel":
-        modalities = []
-        for spec in arch["modalities"]:
-            module_name, qualname = spec["encoder"].split(":")
-            encoder_cls = getattr(importlib.import_module(module_name), qualname)
-            modalities.append(Modality(spec["name"], encoder_cls(**spec["encoder_kwargs"]), tuple(spec["input_shape"]),
-                                       spec["dtype"], spec["feature_dim"]))
+    def from_architecture(cls, arch: dict, trusted_encoders: Iterable[str] = (),
+                          source: str = "the architecture") -> "UMEModel":
+        specs = arch["modalities"]
+        encoder_classes = _encoder_classes([spec["encoder"] for spec in specs], set(trusted_encoders), source)
+        modalities = [Modality(spec["name"], encoder_cls(**spec["encoder_kwargs"]), tuple(spec["input_shape"]),
+                               spec["dtype"], spec["feature_dim"]) for spec, encoder_cls in zip(specs, encoder_classes)]
         return cls(modalities, arch["num_classes"], arch["fusion"], arch.get("learn_placeholder", False),
                    arch.get("class_names"), arch.get("name", "model"))
+
+
+OWN_ENCODERS = {f"{cls.__module__}:{cls.__qualname__}": cls for cls in (ConvEncoder, TokenEncoder)}
+ENCODER_NAME = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _encoder_classes(names: list, trusted: set[str], source: str) -> list[type[nn.Module]]:
+    """The class of each ``module:Class`` name; every name is checked before anything is imported."""
+    for name in names:
+        if not (isinstance(name, str) and ENCODER_NAME.fullmatch(name)):
+            raise CheckpointRefused(f"{source} names encoder {name!r}, which is not a module:Class name")
+        if name not in OWN_ENCODERS and name not in trusted:
+            raise UntrustedEncoder(source, name)
+    return [OWN_ENCODERS.get(name) or _import_encoder(name) for name in names]
+
+
+def _import_encoder(name: str) -> type[nn.Module]:
+    module_name, _, qualname = name.partition(":")
+    try:
+        found = functools.reduce(getattr, qualname.split("."), importlib.import_module(module_name))
+    except (ImportError, AttributeError, ValueError) as error:
+        raise CheckpointRefused(f"trusted encoder {name!r} cannot be imported ({error})") from None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise CheckpointRefused(f"trusted encoder {name!r} is not a torch.nn.Module class (it is a "
+                                f"{type(found).__name__}); trust only the encoder classes your checkpoint needs")
+    return found
 
 
 def _from_factory(spec: str) -> UMEModel:

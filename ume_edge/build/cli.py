@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
                "  python -m ume_edge.build --adopt engines/DIR   (on the Jetson, after DIR's build_plans_trt10.sh)")
     parser.add_argument("--model", help="checkpoint from `python -m ume_edge.train`, or path/to/file.py:factory "
                                         "(default: the shipped reference model)")
+    parser.add_argument("--trust-encoder", dest="trusted_encoders", metavar="MODULE:CLASS", action="append",
+                        type=_encoder_name, default=[],
+                        help="an encoder class a --model checkpoint may name besides ume-edge's own (repeatable; "
+                             "default: none). A checkpoint is data: building its model imports the module it names, "
+                             "which runs that module's code, so trust only classes you wrote or installed")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help="engine precision; INT8 falls back per modality when it costs more than --max-drop")
     parser.add_argument("--backend", choices=("auto", *backends.NAMES), default="auto",
@@ -63,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     trt.add_argument("--version-compatible", action="store_true",
                      help="plans that later TensorRT versions can run (slower)")
     return parser
+
+
+def _encoder_name(text: str) -> str:
+    from ume_edge.model import ENCODER_NAME  # torch: only when the option is used, so --help stays quick
+
+    if not ENCODER_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected module:Class (e.g. mypackage.encoders:AudioEncoder), got {text!r}")
+    return text
 
 
 def _options(args: argparse.Namespace) -> BuildOptions:

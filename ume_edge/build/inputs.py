@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,14 +32,21 @@ class DataSet:
         return len(next(iter(self.inputs.values())))
 
 
-def load_model(spec: str | None):
-    """The shipped reference model, a checkpoint of ``ume_edge.train``, or ``path/to/file.py:factory``."""
-    from ume_edge.model import UMEModel, load_reference
+def load_model(spec: str | None, trusted_encoders: Iterable[str] = ()):
+    """The shipped reference model, a checkpoint of ``ume_edge.train``, or ``path/to/file.py:factory``. A
+    checkpoint's encoders must be ume-edge's own or in ``trusted_encoders`` (``--trust-encoder``)."""
+    from ume_edge.model import CheckpointRefused, UMEModel, UntrustedEncoder, load_reference
 
     if spec is None:
         return load_reference()
     try:
-        return UMEModel.load(spec)
+        return UMEModel.load(spec, trusted_encoders)
+    except UntrustedEncoder as error:
+        raise BuildError(f"checkpoint {spec} names encoder {error.encoder!r}, which is not one of ume-edge's (loading "
+                         f"it would import and run that code); if you wrote it and trust it, pass --trust-encoder "
+                         f"{error.encoder}") from None
+    except CheckpointRefused as error:
+        raise BuildError(str(error)) from None
     except FileNotFoundError as error:
         raise BuildError(f"--model {error}") from None
     except SyntaxError as error:

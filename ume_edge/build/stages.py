@@ -34,6 +34,7 @@ REFERENCE_SOURCE = "reference"
 @dataclass
 class BuildOptions:
     model: str | None = None
+    trusted_encoders: tuple[str, ...] = ()
     precision: str = DEFAULT_PRECISION
     backend: str = "auto"
     calib_data: str | None = None
@@ -229,7 +230,7 @@ def build(options: BuildOptions) -> Path:
     _check_options(options)
     backend = resolve_backend(options)
     stage(1, STAGES, f"loading the model ({options.model or 'the shipped AV-Digits reference'})")
-    model = inputs.load_model(options.model)
+    model = inputs.load_model(options.model, options.trusted_encoders)
     sha256 = model_sha256(model)
     calib = inputs.check_data(model, inputs.read_data(inputs.calibration_spec(options.calib_data), "calibration"),
                               "calibration")
