@@ -438,9 +438,18 @@ def _roll_back(staging: Path, out: Path) -> bool:
 
 
 def _close_staging(staging: Path, out: Path) -> None:
+    """Roll back what an unfinished run swapped in, then remove its staging folder: the journal first (so a kill
+    halfway never rolls back from half-removed old models), the marker last (so the next run recognises the rest)."""
     if _roll_back(staging, out):
         LOGGER.warning("put back the models of %s that an unfinished run had replaced", out)
-    shutil.rmtree(staging)
+    (staging / _JOURNAL).unlink(missing_ok=True)
+    for child in staging.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        elif child.name != engine_dir.STAGING_MARKER:
+            child.unlink()
+    (staging / engine_dir.STAGING_MARKER).unlink(missing_ok=True)
+    staging.rmdir()
 
 
 def recover_interrupted(out: Path) -> None:
