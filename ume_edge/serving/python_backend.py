@@ -26,9 +26,12 @@ def _read_config(path: Path):
     from tritonclient.grpc import model_config_pb2
 
     try:
-        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    except text_format.ParseError as error:
+        return text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as error:
         raise RepositoryError(f"{path}: not a Triton model configuration ({error})") from None
+    except OSError as error:
+        raise RepositoryError(f"{path}: cannot be read ({error.strerror}); it must be a Triton model configuration "
+                              "file") from None
 
 
 def _write_config(path: Path, config) -> None:
