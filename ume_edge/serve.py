@@ -7,9 +7,10 @@ Models: ``ume`` (one optional input per modality, and an optional ``present`` ma
 that the nvidia-pytriton wheel ships: ``python-backend`` (default: Python-backend models inside Triton, per-request
 errors, presence metrics) and ``pytriton`` (PyTriton callables in this process; see ``ume_edge.serving.pytriton``).
 
-The server listens on loopback unless ``--host`` says otherwise. Its children never outlive it: a watchdog process
-stops them and removes the temporary files if this process dies, even by SIGKILL, and what an earlier killed server
-left in the temporary folder is removed at the next start.
+The server listens on loopback unless ``--host`` says otherwise. With TLS (``--grpc-server-cert``) it serves gRPC
+alone: Triton's HTTP and metrics endpoints have no TLS, so they stay closed. Its children never outlive it: a watchdog
+process stops them and removes the temporary files if this process dies, even by SIGKILL, and what an earlier killed
+server left in the temporary folder is removed at the next start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import ipaddress
 import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -85,6 +87,8 @@ def banner(options: ServeOptions, models: list[str], log: Path | None) -> str:
         suffix = "/metrics" if kind == "metrics" else (" (TLS)" if kind == "gRPC" and options.tls else "")
         wildcard = " (every interface)" if set(addresses) & {"0.0.0.0", "[::]"} else ""
         lines.append(f"  {kind:<8} {scheme}{where}{suffix}{wildcard}")
+    if e.grpc_only:
+        lines.append("  HTTP and metrics closed: they have no TLS")
     lines += [f"  models   {', '.join(models)}", f"  log      {log if log else 'above (--verbose)'}", READY_LINE]
     return "\n".join(lines)
 
@@ -96,6 +100,9 @@ def serve(options: ServeOptions, stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
     remove_stale_temp()
     options.endpoints.check_free()
+    warning = network_warning(options)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     watchdog = Watchdog()
     try:
         run = {"python-backend": python_backend.serve, "pytriton": pytriton.serve}[options.runtime]
@@ -140,8 +147,8 @@ class ServeProcess(ServerProcess):
     def environment(self) -> dict[str, str]:
         return {**os.environ, **(self.env or {})}
 
-    def is_ready(self) -> bool:
-        return READY_LINE in self.log()
+    def ready_lines(self) -> list[str]:
+        return [READY_LINE]
 
     def stop(self, signum: int = signal.SIGTERM, timeout_s: float = 60.0) -> int | None:
         return super().stop(signum, timeout_s)
@@ -161,11 +168,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                         "python -m ume_edge.triton_repo (python-backend runtime; "
                                                         "default: serve --engines)")
     parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="address to listen on; 0.0.0.0 for sensors on the network (use --grpc-server-cert then)")
+                        help="address to listen on; 0.0.0.0 for sensors on the network (use --grpc-server-cert then: "
+                             "without TLS anyone on the network can send requests)")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port")
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Prometheus metrics port")
-    parser.add_argument("--grpc-server-cert", type=Path, help="PEM certificate: serve gRPC over TLS (default: no TLS)")
+    parser.add_argument("--grpc-server-cert", type=Path,
+                        help="PEM certificate: serve gRPC over TLS, and close HTTP and metrics, which have no TLS "
+                             "(python-backend runtime; default: no TLS)")
     parser.add_argument("--grpc-server-key", type=Path, help="PEM key of --grpc-server-cert (default: none)")
     parser.add_argument("--grpc-root-cert", type=Path, help="PEM root certificate: require client certificates "
                                                             "signed by it (mutual TLS; default: not required)")
@@ -175,7 +185,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
                         help="python-backend: Python-backend models inside Triton, per-request errors and presence "
                              "metrics; pytriton: PyTriton callables in this process")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--threads", type=thread_count, help=f"ONNX Runtime threads, 1 to {os.cpu_count()} "
+                                                               "(default: all cores)")
     parser.add_argument("--tensorstore", action="store_true",
                         help="pytriton runtime: pass tensors through PyTriton's shared-memory store (faster for "
                              "large tensors, slower for sensor-sized ones)")
@@ -184,6 +195,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="show the server's own output (on a CPU-only machine "
                                                                  "it reports missing CUDA, NVML and DCGM: harmless)")
     return parser.parse_args(argv)
+
+
+def thread_count(text: str) -> int:
+    """``--threads``: a whole number from 1 to this machine's core count."""
+    cores = os.cpu_count() or 1
+    if not text.strip().isdigit() or not 1 <= int(text) <= cores:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {cores} (the cores here), not {text!r}")
+    return int(text)
 
 
 def _tls(args: argparse.Namespace) -> GrpcTls | None:
@@ -196,12 +215,46 @@ def _tls(args: argparse.Namespace) -> GrpcTls | None:
     for path in filter(None, (args.grpc_server_cert, args.grpc_server_key, args.grpc_root_cert)):
         if not path.is_file():
             raise UmeEdgeError(f"{path}: no such file")
+    if args.runtime == "pytriton":
+        raise UmeEdgeError("TLS needs --runtime python-backend: PyTriton drives its tritonserver over HTTP, which "
+                           "has no TLS and would stay open beside gRPC")
     return GrpcTls(args.grpc_server_cert, args.grpc_server_key, args.grpc_root_cert)
 
 
+def check_log_file(path: Path) -> None:
+    """One line, before anything starts, if ``--log-file`` cannot be written."""
+    if path.is_dir():
+        raise UmeEdgeError(f"--log-file {path} is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise UmeEdgeError(f"--log-file {path}: the folder {path.parent} does not exist; create it first")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise UmeEdgeError(f"--log-file {path} is not writable here; give a path in a folder you can write")
+
+
+def network_warning(options: ServeOptions) -> str | None:
+    """A warning when the server is reachable from other machines without TLS."""
+    if options.tls is not None or _is_loopback(options.endpoints.host):
+        return None
+    return (f"warning: listening on {options.endpoints.host} without TLS: anyone who can reach this machine can send "
+            "requests. Add --grpc-server-cert FILE --grpc-server-key FILE (and --grpc-root-cert FILE to accept only "
+            "clients with a certificate), or keep the default --host 127.0.0.1")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):
+        return True  # not an address at all: check_free refuses it in one line
+    return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
+
+
 def _options(args: argparse.Namespace) -> ServeOptions:
-    options = ServeOptions(repository=args.repository, runtime=args.runtime, tls=_tls(args),
-                           endpoints=Endpoints(args.host, args.grpc_port, args.http_port, args.metrics_port),
+    tls = _tls(args)
+    if args.log_file is not None:
+        check_log_file(args.log_file)
+    options = ServeOptions(repository=args.repository, runtime=args.runtime, tls=tls,
+                           endpoints=Endpoints(args.host, args.grpc_port, args.http_port, args.metrics_port,
+                                               grpc_only=tls is not None),
                            max_queue_delay_us=args.max_queue_delay_us, threads=args.threads,
                            tensorstore=args.tensorstore, log_file=args.log_file, verbose=args.verbose)
     if args.repository is not None:

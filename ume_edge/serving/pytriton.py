@@ -18,7 +18,7 @@ import numpy as np
 from ume_edge.constants import ENTRY_MODEL, LABEL, LOGITS, PARTIAL_LOGITS, PRESENT, PROBS, encoder_model_name
 from ume_edge.errors import InputError
 from ume_edge.serving.batching import Rejected, answer_encoder_requests, answer_requests
-from ume_edge.serving.process import apply_pytriton_libpython_fix, make_temp_folder
+from ume_edge.serving.process import NO_GRPC_REQUEST_POOL, apply_pytriton_libpython_fix, make_temp_folder
 from ume_edge.serving.watchdog import descendants
 
 
@@ -80,16 +80,15 @@ def bind_models(triton, pipeline, max_queue_delay_us: int) -> list[str]:
 
 
 def _triton_config(options, server_id: str, log_file):
+    """No TLS here: ``serve`` refuses it with this runtime, since PyTriton drives its tritonserver over HTTP."""
     from pytriton.triton import TritonConfig
 
-    e, tls = options.endpoints, options.tls
+    e = options.endpoints
     return TritonConfig(
         id=server_id, grpc_address=e.host, http_address=e.host, metrics_address=e.host, grpc_port=e.grpc_port,
         http_port=e.http_port, metrics_port=e.metrics_port, log_verbose=1 if options.verbose else 0,
         log_file=None if options.verbose else log_file, allow_gpu_metrics=False,
-        grpc_use_ssl=bool(tls and not tls.root_cert) or None, grpc_use_ssl_mutual=bool(tls and tls.root_cert) or None,
-        grpc_server_cert=tls and tls.server_cert, grpc_server_key=tls and tls.server_key,
-        grpc_root_cert=tls and tls.root_cert)
+        grpc_infer_allocation_pool_size=NO_GRPC_REQUEST_POOL)
 
 
 def serve(options, stop: threading.Event, watchdog, announce) -> int:
