@@ -188,7 +188,7 @@ def test_close_during_infer_waits_for_it_and_later_infers_say_the_pipeline_is_cl
         while time.monotonic() < deadline:
             try:
                 outcomes.append(opened.infer(inputs).logits)
-            except Exception as error:  # noqa: BLE001 - recorded and checked below
+            except Exception as error:  # recorded and checked below
                 outcomes.append(error)
                 return
 
@@ -254,8 +254,9 @@ def pipeline_server(engines, tmp_path_factory):
 
 def _infer_together(url, model, jobs):
     """Send every job at once (so the dynamic batcher groups them); (result, error) per job."""
-    from ume_edge.client import grpc_inputs
     from tritonclient import grpc as grpcclient
+
+    from ume_edge.client import grpc_inputs
 
     answers, done = [None] * len(jobs), threading.Semaphore(0)
     with grpcclient.InferenceServerClient(url) as connection:

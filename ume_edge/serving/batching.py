@@ -100,7 +100,7 @@ def _answer_valid(pipeline, batch: list[Request]) -> list[dict | Rejected]:
         return []
     try:
         return _infer_stacked(pipeline, batch)
-    except Exception as error:  # noqa: BLE001 - whatever failed, only the request that caused it may get the error
+    except Exception as error:  # whatever failed, only the request that caused it may get the error
         if len(batch) == 1:
             return [_rejection(error)]
         if not isinstance(error, InputError):
@@ -111,7 +111,7 @@ def _answer_valid(pipeline, batch: list[Request]) -> list[dict | Rejected]:
 def _answer_alone(infer) -> dict | Rejected:
     try:
         return infer()
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # its message goes to this request alone
         return _rejection(error)
 
 
@@ -154,7 +154,7 @@ def answer_encoder_requests(engine, name: str, output_name: str, arrays: list[np
     refused or failed on some values) each request alone, so only the culprit gets the error."""
     try:
         output = engine.infer({name: np.concatenate(arrays)})[output_name]
-    except Exception as error:  # noqa: BLE001 - answered below, request by request
+    except Exception as error:  # answered below, request by request
         if len(arrays) == 1:
             return [_rejection(error)]
         if not isinstance(error, InputError):
