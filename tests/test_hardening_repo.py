@@ -79,6 +79,24 @@ def test_a_rewrite_replaces_only_its_own_models_and_leaves_nothing_hidden(int8_e
     assert _hidden(old_repository.parent) == [] and _hidden(old_repository) == []
 
 
+@pytest.mark.slow
+def test_a_user_script_named_like_a_build_script_is_refused(tmp_path):
+    """An export-only TensorRT directory's repository gets build_plans_trt<major>.sh at the top: a user's file of that
+    name is not replaced either."""
+    from ume_edge.build import BuildOptions, build
+
+    exported = build(BuildOptions(backend="tensorrt", export_only=True, precision="int8", max_batch=4,
+                                  out=tmp_path / "export"))
+    out = tmp_path / "triton_models"
+    repository.write_repository(exported, out)
+    (out / "build_plans_trt10.sh").write_text("#!/bin/sh\necho my own build\n")
+    before = _tree_hash(out)
+    line = _one_line_error(_cli("--engines", exported, "--out", out, "--max-queue-delay-us", 500))
+    assert f"{out / 'build_plans_trt10.sh'} exists and was not written by ume-edge" in line
+    assert _tree_hash(out) == before
+    assert _hidden(tmp_path) == []
+
+
 def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, 600_000))  # the 1 MB audio encoder cannot be copied
 
