@@ -2,6 +2,8 @@
 unwritable disk is one line that leaves --out as it was."""
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 
@@ -9,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ume_edge.build import BuildOptions, build
+from ume_edge import engine_dir
+from ume_edge.build import BuildOptions, build, cli
+from ume_edge.build.cli import main
 from ume_edge.model import ConvEncoder, Modality, UMEModel, UntrustedEncoder
 
 ENCODER_MODULE = '''
@@ -133,3 +137,124 @@ def test_build_accepts_a_checkpoint_whose_encoder_the_user_trusts(tmp_path, enco
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "vector.onnx").is_file()
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Ctrl-C at the end of a build
+
+
+def _build_args(checkpoint, out):
+    return ["--model", str(checkpoint), "--calib-data", str(checkpoint.with_name("calib.npz")), "--precision", "fp32",
+            "--out", str(out)]
+
+
+def _interrupted_main(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 130
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_while_the_summary_prints_says_the_build_was_published(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                      capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "format_summary", interrupted)
+    out = tmp_path / "out"
+    line = _interrupted_main(_build_args(tiny_checkpoint, out), capsys)
+    assert line.startswith("interrupted after the build completed") and f"published at {out}" in line
+    assert "nothing was written" not in line
+    assert engine_dir.load(out).model.name == "tiny"
+
+
+def test_ctrl_c_during_the_publish_waits_for_it_and_says_so(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    publish = engine_dir.publish
+
+    def publish_then_ctrl_c(staging, out):
+        publish(staging, out)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(engine_dir, "publish", publish_then_ctrl_c)
+    out = tmp_path / "out"
+    line = _interrupted_main(_build_args(tiny_checkpoint, out), capsys)
+    assert f"published at {out}" in line
+    assert engine_dir.load(out).model.name == "tiny"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_before_the_publish_keeps_the_previous_build(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    out = build(BuildOptions(model=str(tiny_checkpoint), calib_data=str(tmp_path / "calib.npz"), precision="fp32",
+                             out=tmp_path / "out"))
+    before = (out / engine_dir.MANIFEST_FILE).read_text()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_dir, "save", interrupted)
+    line = _interrupted_main(_build_args(tiny_checkpoint, out), capsys)
+    assert line == "interrupted: nothing was written; --out is as it was"
+    assert (out / engine_dir.MANIFEST_FILE).read_text() == before
+    assert [path.name for path in tmp_path.iterdir() if ".tmp-" in path.name] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. a disk that refuses a write
+
+
+def _build_with_file_size_limit(limit: int, *args):
+    """The build command in a process whose files cannot grow past ``limit`` bytes: writes then fail with EFBIG
+    (SIGXFSZ ignored), or come up short, as on a disk that fills up."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return _cli(*args, preexec_fn=limit_file_size)
+
+
+def _no_staging_left(folder):
+    assert [path.name for path in folder.iterdir() if ".tmp-" in path.name] == []
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_is_one_line_and_keeps_the_previous_build(tiny_checkpoint, tmp_path):
+    out = build(BuildOptions(model=str(tiny_checkpoint), calib_data=str(tmp_path / "calib.npz"), precision="fp32",
+                             out=tmp_path / "out"))
+    before = (out / engine_dir.MANIFEST_FILE).read_text()
+    line = _one_line_error(_build_with_file_size_limit(3000, *_build_args(tiny_checkpoint, out)))
+    assert line.startswith(f"error: file too large (the file system's or `ulimit -f`'s limit) while writing {out}")
+    assert line.endswith(f"raise the limit or choose another --out; {out} is as it was")
+    assert (out / engine_dir.MANIFEST_FILE).read_text() == before
+    _no_staging_left(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_write_cut_short_is_named_as_the_cause(tiny_checkpoint, tmp_path):
+    args = [*_build_args(tiny_checkpoint, tmp_path / "out")]
+    args[args.index("fp32")] = "int8"  # the calibration samples are the largest file numpy writes
+    line = _one_line_error(_build_with_file_size_limit(6000, *args))
+    assert "a write was cut short (the disk is full or a file-size limit was reached)" in line
+    assert not (tmp_path / "out").exists()
+    _no_staging_left(tmp_path)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 12 KiB tmpfs: the tiny model's ONNX files fill it while the build copies them into place."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the file-size-limit tests cover "
+                    "the rest")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_a_late_stage_is_one_line(tiny_checkpoint, tiny_disk):
+    line = _one_line_error(_cli(*_build_args(tiny_checkpoint, tiny_disk / "out")))
+    assert line.startswith(f"error: no space left on device while writing {tiny_disk / 'out'}")
+    assert "free space there or choose another --out" in line
+    assert list(tiny_disk.iterdir()) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ume_edge import backends, engine_dir
 from ume_edge.build.progress import note
+from ume_edge.build.stages import publish, write_failure
 from ume_edge.errors import BackendUnavailable, BuildError
 
 
@@ -38,7 +39,13 @@ def adopt(directory: Path) -> Path:
         manifest.accuracy["engines_run_by"] += f"; engines built on the target and adopted {time.strftime('%Y-%m-%d')}"
         engine_dir.save(staging, manifest)
         engine_dir.load(staging)
-        engine_dir.publish(staging, directory)
+        publish(staging, directory)
+    except Exception as error:
+        failure = write_failure(error, staging, directory, "and adopt again")
+        engine_dir.discard(staging)
+        if failure is None:
+            raise
+        raise failure from None
     except BaseException:
         engine_dir.discard(staging)
         raise

@@ -87,18 +87,28 @@ def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     show_progress()
     started = time.perf_counter()
+    published = None
     try:
         if args.adopt is not None:
             from ume_edge.build.adopt import adopt
 
-            out = adopt(args.adopt)
+            published = adopt(args.adopt)
         else:
-            out = build(_options(args))
-        summary = format_summary(engine_dir.load(out), out, time.perf_counter() - started)
+            published = build(_options(args))
+        summary = format_summary(engine_dir.load(published), published, time.perf_counter() - started)
     except (UmeEdgeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written; --out is as it was", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(_interrupted(getattr(interrupt, "out", published), args), file=sys.stderr)
         raise SystemExit(130) from None
     print(summary)
+
+
+def _interrupted(published: Path | None, args: argparse.Namespace) -> str:
+    if published is not None:
+        return (f"interrupted after the build completed: it was published at {published} (only the summary was cut "
+                f"short; {published / engine_dir.MANIFEST_FILE} records what it shows)")
+    if args.adopt is not None:
+        return f"interrupted: nothing was written; {args.adopt} is as it was"
+    return "interrupted: nothing was written; --out is as it was"
