@@ -126,7 +126,7 @@ _KILL_SCRIPT = textwrap.dedent("""
 
     for name in ("rename", "unlink", "rmdir"):
         setattr(os, name, counted(getattr(os, name)))
-    engine_dir._exchange = counted(engine_dir._exchange) if atomic else (lambda a, b: False)
+    engine_dir.exchange = counted(engine_dir.exchange) if atomic else (lambda a, b: False)
     engine_dir.publish(staging, out)
     print("published after", steps[0], "steps")
 """)

@@ -182,7 +182,7 @@ _KILL_SCRIPT = textwrap.dedent("""
         return step
 
     os.rename, os.replace, shutil.copyfile = counted(os.rename), counted(os.replace), counted(shutil.copyfile)
-    engine_dir._exchange = counted(engine_dir._exchange) if atomic else (lambda a, b: False)
+    engine_dir.exchange = counted(engine_dir.exchange) if atomic else (lambda a, b: False)
     repository.write_repository(engines, out)
 """)
 

@@ -217,24 +217,12 @@ def test_close_during_infer_waits_for_it_and_later_infers_say_the_pipeline_is_cl
 # pipeline entry
 
 
-def _value_ranges(repository_dir, manifest):
-    """Give the entry and encoder configs the ``value_ranges`` parameter the templates read, as repository.py is
-    asked to write it (issue 21); a no-op once it does."""
-    ranges = {m.name: m.value_range for m in manifest.modalities if m.value_range is not None}
-    for model, wanted in [("ume", ranges), *((f"ume_{name}", {name: bound}) for name, bound in ranges.items())]:
-        config = repository_dir / model / "config.pbtxt"
-        if "value_ranges" not in config.read_text():
-            with config.open("a") as out:
-                out.write(f'parameters {{ key: "value_ranges" value {{ string_value: {json.dumps(json.dumps(wanted))} }} }}\n')
-
-
 def _serve(engines, folder, **options):
     from ume_edge.serving import repository
     from ume_edge.serving.process import Endpoints, TritonServer, free_ports
 
     repository.write_repository(engines, folder, encoder_backend="python", max_queue_delay_us=20000, threads=1,
                                 **options)
-    _value_ranges(folder, engine_dir.load(engines))
     return TritonServer(folder, Endpoints("127.0.0.1", *free_ports(3)))
 
 

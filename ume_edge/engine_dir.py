@@ -560,7 +560,7 @@ def _marked_folder(out: Path) -> Path:
     return folder
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -576,7 +576,7 @@ def remove_stale_staging(parent: Path) -> None:
     for candidate in sorted(parent.glob(".*.tmp-*-*")):
         name, _, rest = candidate.name[1:].rpartition(".tmp-")
         pid = rest.split("-", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)) or not candidate.is_dir():
+        if not pid.isdigit() or pid_alive(int(pid)) or not candidate.is_dir():
             continue
         if not (candidate / STAGING_MARKER).is_file() and any(candidate.iterdir()):
             continue  # not ours
@@ -590,7 +590,7 @@ def remove_stale_staging(parent: Path) -> None:
         LOGGER.info("removed %s, left by a build that was killed", candidate)
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2``); False where the system or file system cannot."""
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
@@ -614,7 +614,7 @@ def publish(staging: Path, out: Path) -> None:
         (out / STAGING_MARKER).unlink()
         return
     (out / STAGING_MARKER).touch()
-    if _exchange(staging, out):
+    if exchange(staging, out):
         old = staging
     else:  # no atomic swap on this system: the old build moves aside, then the new one takes its place
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))

@@ -177,6 +177,8 @@ class _Writer:
 
     def encoder(self, folder: Path, modality: engine_dir.ModalityRecord) -> Path:
         runtime, files, secondary = self._runtime(modality.name, modality.engine, modality.onnx)
+        if self.python_models and modality.value_range is not None:  # the template refuses ids outside it
+            runtime["parameters"] += _parameters({"value_ranges": json.dumps({modality.name: modality.value_range})})
         config = {
             **runtime,
             **_scheduling(self.manifest.max_batch, self.instances, self._kind(), self.max_queue_delay_us, secondary),
@@ -222,6 +224,8 @@ class _Writer:
             "encoder_output": PARTIAL_LOGITS,
             "encoder_fixed_batch": json.dumps(fixed),
             "fusion_model": FUSION_MODEL,
+            "value_ranges": json.dumps({m.name: m.value_range for m in self.manifest.modalities
+                                        if m.value_range is not None}),
         })
         return _write_model(folder, ENTRY_MODEL, config, {"1/model.py": template_dir() / ENTRY_TEMPLATE})
 
@@ -400,7 +404,7 @@ def _replace(source: Path, target: Path, aside: Path) -> None:
         os.rename(source, target)
         return
     aside.parent.mkdir(exist_ok=True)
-    if engine_dir._exchange(source, target):
+    if engine_dir.exchange(source, target):
         os.rename(source, aside)
     else:  # no atomic swap on this file system
         os.rename(target, aside)
@@ -459,7 +463,7 @@ def recover_interrupted(out: Path) -> None:
         return
     for staging in sorted(parent.glob(f"{prefix}*")):
         pid = staging.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or engine_dir._pid_alive(int(pid)) or not staging.is_dir():
+        if not pid.isdigit() or engine_dir.pid_alive(int(pid)) or not staging.is_dir():
             continue
         if (staging / engine_dir.STAGING_MARKER).is_file() or not any(staging.iterdir()):
             _close_staging(staging, out)
