@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ume_edge.cli_common import DefaultsFormatter, show_progress
-from ume_edge.constants import DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+from ume_edge.constants import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_MAX_QUEUE_DELAY_US,
+                                DEFAULT_METRICS_PORT)
 from ume_edge.errors import UmeEdgeError
 from ume_edge.runtime import Pipeline
 from ume_edge.serving.process import Endpoints, GrpcTls, ServerProcess, remove_stale_temp
 from ume_edge.serving.watchdog import Watchdog
 
 RUNTIMES = ("python-backend", "pytriton")
-DEFAULT_MAX_QUEUE_DELAY_US = 0  # measured here: any delay only adds latency at low load; queued requests still batch
 READY_LINE = "  stop with Ctrl-C (SIGINT) or SIGTERM"  # the banner's last line: serving has started
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from ume_edge import engine_dir
 from ume_edge.cli_common import DefaultsFormatter
+from ume_edge.constants import DEFAULT_MAX_QUEUE_DELAY_US
 from ume_edge.errors import UmeEdgeError
-from ume_edge.serving.repository import (DEFAULT_MAX_QUEUE_DELAY_US, ENCODER_BACKENDS, ENTRIES, check_out,
-                                         serve_hint, write_repository)
+from ume_edge.serving.repository import ENCODER_BACKENDS, ENTRIES, check_out, serve_hint, write_repository
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from ume_edge import backends, engine_dir
-from ume_edge.constants import (ENTRY_MODEL, FUSION_MODEL, LABEL, LOGITS, PARTIAL_LOGITS, PRESENT, PROBS,
+from ume_edge.constants import (DEFAULT_MAX_QUEUE_DELAY_US, ENTRY_MODEL, FUSION_MODEL, LABEL, LOGITS, PARTIAL_LOGITS, PRESENT, PROBS,
                                 encoder_model_name)
 from ume_edge.errors import UmeEdgeError
 
@@ -42,7 +42,6 @@ LOGGER = logging.getLogger(__name__)
 
 ENCODER_BACKENDS = ("auto", "python")
 ENTRIES = ("bls", "pipeline")
-DEFAULT_MAX_QUEUE_DELAY_US = 100
 ENTRY_TEMPLATE = "ume_bls.py"
 PIPELINE_TEMPLATE = "ume_pipeline.py"
 ONNX_TEMPLATE = "onnx_model.py"
