@@ -1,5 +1,6 @@
 """`python -m ume_edge.train` never loses a user's files and refuses bad arguments before it trains (issue 21)."""
 
+import json
 import queue
 import resource
 import signal
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from ume_edge.model import UMEModel
 from ume_edge.train import main
 
 # The shortest training the CLI allows; a bad option given after these replaces the good one.
@@ -44,7 +46,7 @@ def _refused(argv, capsys) -> str:
 @pytest.mark.parametrize("option, value", [
     ("--max-samples", "-1"), ("--max-samples", "0"),
     ("--missing-prob", "2"), ("--missing-prob", "-0.1"), ("--missing-prob", "nan"),
-    ("--seeds", "99999999999999999999"), ("--seeds", "-1"), ("--seeds", "0,4294967296"),
+    ("--seeds", "99999999999999999999"), ("--seeds", "-1"), ("--seeds", "0,4294967296"), ("--ship-seed", "-1"),
     ("--uni-epochs", "0"), ("--mma-epochs", "0"), ("--naive-epochs", "-3"), ("--batch-size", "0"),
     ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "-0.001"), ("--mma-lr", "nan"),
     ("--weight-decay", "-1"), ("--weight-decay", "inf"),
@@ -88,6 +90,17 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_report_as_they_were(tm
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"error: could not write {out}") and last_line.endswith("are as they were")
     _assert_old_outputs_untouched(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_successful_run_replaces_the_previous_checkpoint_and_report_and_leaves_no_temporary(tmp_path):
+    out = _old_outputs(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "ume_edge.train", "--out", str(out), *TINY],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-report.json", "m.pt"]
+    report = json.loads((tmp_path / "m-report.json").read_text())
+    assert UMEModel.load(out).report == report and report["shipped_seed"] == 0
 
 
 def _read_lines_in_background(stream) -> tuple[queue.Queue, threading.Thread]:

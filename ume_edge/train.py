@@ -347,8 +347,8 @@ def write_checkpoint_and_report(model: UMEModel, report: dict, out: Path, report
         raise NotWritten(f"could not write {out} and {report_path} ({error.strerror or error}); "
                          "both are as they were") from None
     except RuntimeError as error:  # how torch.save reports a failed write, without the cause
-        raise NotWritten(f"could not write {out} ({str(error).splitlines()[0]}): is the disk full, or a file-size "
-                         f"limit set? {out} and {report_path} are as they were") from None
+        raise NotWritten(f"could not write {out}: saving stopped part-way, most likely on a full disk or a file-size "
+                         f"limit ({str(error).splitlines()[0]}); {out} and {report_path} are as they were") from None
     finally:
         for temporary in staged.values():
             temporary.unlink(missing_ok=True)
