@@ -36,7 +36,7 @@ def not_a_class():
 
 
 def _cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "ume_edge.build", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ume_edge.build", *args], capture_output=True, text=True, check=False,
                           timeout=300, **kwargs)
 
 
@@ -258,3 +258,20 @@ def test_a_full_disk_in_a_late_stage_is_one_line(tiny_checkpoint, tiny_disk):
     assert line.startswith(f"error: no space left on device while writing {tiny_disk / 'out'}")
     assert "free space there or choose another --out" in line
     assert list(tiny_disk.iterdir()) == []
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_runs_code_is_refused_without_advice_to_unpickle_it(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"format": "ume-edge-checkpoint/1", "architecture": RunsCodeWhenUnpickled(marker)}, tmp_path / "p.pt")
+    line = _one_line_error(_cli("--model", str(tmp_path / "p.pt"), "--out", str(tmp_path / "out")))
+    assert not marker.exists()
+    assert "not a ume-edge checkpoint (torch cannot read it as tensors and plain data: UnpicklingError)" in line
+    assert "weights_only" not in line

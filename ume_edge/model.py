@@ -234,9 +234,14 @@ class UMEModel(nn.Module):
         path = Path(text)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such checkpoint (give a .pt written by UMEModel.save or file.py:factory)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a ume-edge checkpoint (format {checkpoint.get('format')!r})")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch's own message suggests weights_only=False, which would run the file's code
+            raise ValueError(f"{path}: not a ume-edge checkpoint (torch cannot read it as tensors and plain data: "
+                             f"{type(error).__name__})") from None
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        if found != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a ume-edge checkpoint (format {found!r})")
         model = cls.from_architecture(checkpoint["architecture"], trusted_encoders, f"checkpoint {path}")
         model.load_state_dict(checkpoint["state_dict"])
         model.report = checkpoint.get("report")
