@@ -343,7 +343,7 @@ def _where(filename, staging: Path, out: Path) -> str:
     if filename is None:  # the quantizer also writes in the temporary folder, which may be another file system
         temporary = tempfile.gettempdir()
         elsewhere = os.stat(temporary).st_dev != os.stat(staging.parent).st_dev
-        return f"{out}" + (f" or a temporary file in {temporary}" if elsewhere else "")
+        return str(out) + (f" or a temporary file in {temporary}" if elsewhere else "")
     path = Path(os.fsdecode(filename))
     return f"{out} ({path.relative_to(staging)})" if path.is_relative_to(staging) else str(path)
 
