@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from ume_edge.metrics import discordant_pairs, mcnemar_exact, spread
+from ume_edge.scoring import discordant_pairs, mcnemar_exact, spread
 from ume_edge.model import UMEModel
 from ume_edge.train import _parser, main
 from ume_edge.train_report import select

@@ -30,7 +30,7 @@ from torch import nn
 from ume_edge.cli_common import show_progress
 from ume_edge.data import load, pattern_key, presence_patterns
 from ume_edge.errors import UmeEdgeError
-from ume_edge.metrics import accuracy_by_pattern, mean_over_patterns, predictions_by_pattern
+from ume_edge.scoring import accuracy_by_pattern, mean_over_patterns, predictions_by_pattern
 from ume_edge.model import UMEModel, conv_modalities
 from ume_edge.train_report import SELECTION_RULES, format_report, multi_seed_report, seed_report
 
@@ -106,7 +106,7 @@ def _tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def torch_predictor(model: UMEModel):
-    """A NumPy-in / NumPy-out predictor for ``ume_edge.metrics``."""
+    """A NumPy-in / NumPy-out predictor for ``ume_edge.scoring``."""
     def predict(batch: dict[str, np.ndarray | None]) -> np.ndarray:
         with torch.no_grad():
             feeds = {k: (torch.from_numpy(np.ascontiguousarray(v)) if v is not None else None) for k, v in batch.items()}

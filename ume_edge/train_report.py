@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ume_edge.metrics import discordant_pairs, mcnemar_exact, mean_over_patterns, percent_equal, spread
+from ume_edge.scoring import discordant_pairs, mcnemar_exact, mean_over_patterns, percent_equal, spread
 
 FUSED = ("naive", "ume", "mma")
 SELECTION_RULES = ("prefer-ume", "prefer-mma", "higher-mean")

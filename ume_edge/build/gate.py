@@ -19,7 +19,7 @@ from ume_edge.constants import PARTIAL_LOGITS
 from ume_edge.data import pattern_key, presence_patterns
 from ume_edge.errors import BuildError
 from ume_edge.fusion import FusionParams, fuse
-from ume_edge.metrics import percent_equal
+from ume_edge.scoring import percent_equal
 
 LOGGER = logging.getLogger(__name__)
 EVAL_BATCH = 256
@@ -57,7 +57,7 @@ class Evaluator:
 
     def __init__(self, model, inputs: dict[str, np.ndarray], labels: np.ndarray | None, threads: int | None,
                  max_batch: int = EVAL_BATCH):
-        from ume_edge.metrics import predictions_by_pattern
+        from ume_edge.scoring import predictions_by_pattern
         from ume_edge.train import torch_predictor
 
         self.inputs, self.labels = inputs, labels
