@@ -13,8 +13,10 @@ from concurrent import futures
 import numpy as np
 import pytest
 
-from ume_edge.client import (DEFAULT_MAX_FAILURES, MAX_LOST_SAMPLES, SensorModel, SensorReplay, format_report,
-                             main, parse_modality_values, run_client)
+from ume_edge.client import ClientOptions, format_report, run_client
+from ume_edge.client.cli import main, parse_modality_values
+from ume_edge.client.options import DEFAULT_MAX_FAILURES
+from ume_edge.client.simulation import MAX_LOST_SAMPLES, SensorModel, SensorReplay
 from ume_edge.data import pattern_key, presence_patterns
 from ume_edge.serve import ServeProcess
 from ume_edge.serving.process import Endpoints, free_ports
@@ -100,6 +102,23 @@ def test_help_shows_every_default(capsys):
     assert len(entries) == 18 and any(entry.startswith("-max-failures") for entry in entries)
     for entry in entries:
         assert entry.startswith("h, --help") or "default" in entry, entry
+
+@pytest.mark.parametrize("flags, message", [
+    (["--concurrency", "0"], "--concurrency must be at least 1, got 0"),
+    (["--rate", "-5"], "--rate must be positive, got -5.0"),
+    (["--timeout-s", "0"], "--timeout-s must be positive, got 0.0"),
+    (["--max-failures", "-1"], "--max-failures must be 0 (never stop) or more, got -1"),
+])
+def test_bad_options_are_one_line_before_anything_is_sent(flags, message, capsys):
+    with socket.socket() as listener:  # a server that would take the connection, and must never see one
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0)
+        assert main(["--url", f"127.0.0.1:{listener.getsockname()[1]}", "--no-progress", *flags]) == 2
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert capsys.readouterr().err == f"error: {message}\n"
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,7 +217,7 @@ def test_a_server_that_hangs_is_given_up_after_max_failures_timeouts(fake_triton
 
 def test_max_failures_0_never_stops(fake_triton, capsys):
     server = fake_triton(then="fail")
-    summary = run_client(url=server.url, requests=30, max_failures=0)
+    summary = run_client(ClientOptions(url=server.url, requests=30, max_failures=0))
     assert summary["requests"] == summary["errors"] == server.calls == 30 and summary["stopped"] is None
     assert DEFAULT_MAX_FAILURES == 10
 
@@ -215,8 +234,8 @@ def server(int8_engines):
 @pytest.mark.triton
 def test_replay_reports_accuracy_per_pattern_and_latency(server, tmp_path):
     out = tmp_path / "summary.json"
-    summary = run_client(url=server.grpc_url, drop={"image": 0.3, "audio": 0.3}, concurrency=4, requests=400,
-                         seed=3, json_out=out)
+    summary = run_client(ClientOptions(url=server.grpc_url, drop={"image": 0.3, "audio": 0.3}, concurrency=4,
+                                       requests=400, seed=3, json_out=out))
     assert summary["requests"] == summary["answered"] == 400 and summary["errors"] == 0
     assert set(summary["per_pattern"]) == {pattern_key(p) for p in presence_patterns(MODALITIES)}
     assert sum(row["count"] for row in summary["per_pattern"].values()) == 400
@@ -232,8 +251,8 @@ def test_replay_reports_accuracy_per_pattern_and_latency(server, tmp_path):
 
 @pytest.mark.triton
 def test_deadline_and_rate_leave_late_sensors_out(server):
-    summary = run_client(url=server.grpc_url, jitter_ms={"audio": 20.0, "image": 0.5}, deadline_ms=5.0,
-                         rate=400.0, requests=120, seed=5)
+    summary = run_client(ClientOptions(url=server.grpc_url, jitter_ms={"audio": 20.0, "image": 0.5}, deadline_ms=5.0,
+                                       rate=400.0, requests=120, seed=5))
     assert summary["errors"] == 0
     assert summary["late"].get("audio", 0) > 40
     assert summary["per_pattern"]["image"]["count"] >= summary["late"]["audio"]
@@ -252,8 +271,9 @@ def test_command_line_prints_the_report(server):
 
 @pytest.mark.triton
 def test_the_mask_changes_batching_not_answers_and_the_server_counts_it(server):
-    plain, masked = (run_client(url=server.grpc_url, drop={"image": 0.4, "audio": 0.4}, concurrency=8, requests=200,
-                                seed=7, send_mask=mask, metrics_url=server.metrics_url) for mask in (False, True))
+    plain, masked = (run_client(ClientOptions(url=server.grpc_url, drop={"image": 0.4, "audio": 0.4}, concurrency=8,
+                                              requests=200, seed=7, send_mask=mask, metrics_url=server.metrics_url))
+                     for mask in (False, True))
     assert masked["errors"] == plain["errors"] == 0
     assert masked["per_pattern"] == plain["per_pattern"]
     for summary in (plain, masked):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_client import FakeTriton
 
-from ume_edge.client import main
+from ume_edge.client.cli import main
 from ume_edge.serve import ServeProcess
 from ume_edge.serving.process import Endpoints, free_ports
 from ume_edge.sync import SensorSync
