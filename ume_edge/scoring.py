@@ -4,7 +4,7 @@ statistics that compare them: the exact McNemar test of two classifiers on the s
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
