@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ume_edge import bench
+from ume_edge.bench.compare import regressions
+from ume_edge.bench.report import write_report
+from ume_edge.bench.results import latencies, load_cases
+from ume_edge.bench.tables import latency_table
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--benchmark-min-rounds=1", "--benchmark-max-time=0.0005", "--benchmark-warmup=off"]
@@ -132,16 +135,16 @@ def _run_of(path, scale):
 
 
 def test_compare_ignores_memory_targets_and_the_reference(tmp_path):
-    old, _ = bench.load_cases(_run_of(tmp_path / "old.json", 1))
-    new, _ = bench.load_cases(_run_of(tmp_path / "new.json", 3))
-    previous = {c.key: c for c in bench.latencies(old)}
-    assert [c.name for c in bench.regressions(new, previous, 1.0)] == ["engine"]
-    assert bench.regressions(new, previous, 2.5) == []
+    old, _ = load_cases(_run_of(tmp_path / "old.json", 1))
+    new, _ = load_cases(_run_of(tmp_path / "new.json", 3))
+    previous = {c.key: c for c in latencies(old)}
+    assert [c.name for c in regressions(new, previous, 1.0)] == ["engine"]
+    assert regressions(new, previous, 2.5) == []
     assert _report(tmp_path / "new.json", "--compare", tmp_path / "old.json").returncode == 1
     _run_of(tmp_path / "noise.json", 1.15)  # medians 15% slower, but the interquartile ranges overlap
-    noise = bench.load_cases(tmp_path / "noise.json")[0]
-    assert bench.regressions(noise, previous, 0.1) == []
-    assert "(slower; within the two runs' spread)" in "\n".join(bench.latency_table(noise, previous, 0.1))
+    noise = load_cases(tmp_path / "noise.json")[0]
+    assert regressions(noise, previous, 0.1) == []
+    assert "(slower; within the two runs' spread)" in "\n".join(latency_table(noise, previous, 0.1))
     assert _report(tmp_path / "noise.json", "--compare", tmp_path / "old.json", "--threshold", "0.1").returncode == 0
 
 
@@ -160,11 +163,11 @@ def test_the_baseline_changes_only_with_update_baseline(tmp_path):
 
 def test_edge_model_cases_add_compute_columns(tmp_path):
     plain = _write(tmp_path / "plain.json", _benchmark("e", 0.001))
-    bench.report(plain, tmp_path / "plain")
+    write_report(plain, tmp_path / "plain")
     assert "% of peak" not in (tmp_path / "plain" / "REPORT.md").read_text()
     edge = _write(tmp_path / "edge.json", _benchmark("e", 0.001, model="edge", macs=2e6, gmac_per_s=2.0,
                                                      peak_fraction=0.05))
-    bench.report(edge, tmp_path / "edge")
+    write_report(edge, tmp_path / "edge")
     text = (tmp_path / "edge" / "REPORT.md").read_text()
     assert "## Fraction of peak" in text and "| edge | audio | onnxruntime | int8 | 5% (2.0) |" in text
     assert "| model |" in text and "% of peak" in text
@@ -172,7 +175,7 @@ def test_edge_model_cases_add_compute_columns(tmp_path):
                                                        peak_fraction=0.5),
                    *(_benchmark(f"p{rate}", 0.01, kind="peak", precision="int8", gmac_per_s=rate, macs=2e9,
                                 input_shape=[1024, 1024], weight_shape=[1024, 1024]) for rate in (4.0, 3.0)))
-    bench.report(peaks, tmp_path / "peaks")
+    write_report(peaks, tmp_path / "peaks")
     text = (tmp_path / "peaks" / "REPORT.md").read_text()
     assert "| audio | onnxruntime | int8 | 1024 x 1024 | 1024 x 1024 | 10.000 | 4.0 | yes |" in text
     assert "| 3.0 | - |" in text and "| peak |" not in text.split("## All cases")[1]  # peaks are no latencies

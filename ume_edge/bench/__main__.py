@@ -1,0 +1,3 @@
+from ume_edge.bench.cli import main
+
+main()
