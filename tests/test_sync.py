@@ -129,7 +129,7 @@ def test_out_of_order_reading_is_counted_and_dropped(sync, clock):
 
 
 def test_stale_readings_are_counted_and_dropped(sync, clock):
-    (frame,) = [*sync.push("image", 1.0, "i0"), *sync.push("audio", 1.0, "a0")]
+    (_,) = [*sync.push("image", 1.0, "i0"), *sync.push("audio", 1.0, "a0")]
     for stamp in (1.0, 0.5, 1.0 + 0.009):  # at, before, and within the window after the last emitted frame
         assert sync.push("audio", stamp, "late") == []
     assert sync.dropped == {"stale": 3, "out_of_order": 0, "duplicate": 0, "non_finite": 0}
