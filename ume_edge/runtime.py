@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,46 +19,32 @@ import numpy as np
 from ume_edge import backends, engine_dir
 from ume_edge.backends.base import OpenOptions
 from ume_edge.errors import EngineMismatch, InputError, UmeEdgeError
-
-
-@dataclass(frozen=True)
-class ModalitySpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    value_range: tuple[int, int] | None = None  # valid integer ids [low, high), when the build could tell
+from ume_edge.serving import contract
 
 
 class PipelineClosed(UmeEdgeError):
     """``infer`` on a Pipeline that was closed (or is closing)."""
 
 
-def check_values(spec: ModalitySpec, x: np.ndarray) -> None:
-    """Refuse what the engines would answer wrongly: NaN or Inf, and integer ids outside the modality's range (an
-    ONNX Gather wraps negative ids around and fails on ids past the table)."""
-    if spec.dtype.kind == "f" and not np.isfinite(x).all():
-        bad = int(np.count_nonzero(~np.isfinite(x)))
-        raise InputError(f"modality {spec.name!r}: {bad} NaN or Inf value(s); clean the sensor data first", "nan")
-    if spec.dtype.kind not in "iu":
-        return
-    low, high = spec.value_range or (0, None)
-    outside = (x < low) if high is None else (x < low) | (x >= high)
-    if outside.any():
-        rows = np.flatnonzero(outside.reshape(len(x), -1).any(axis=1))
-        valid = f"[{low}, {high})" if high is not None else f"{low} or more"
-        raise InputError(f"modality {spec.name!r}: value {x[outside][0]} (rows {rows[:8].tolist()}) is outside the "
-                         f"valid ids {valid}; send ids the model was trained with", "range")
+@contextmanager
+def refusals_as_input_errors() -> Iterator[None]:
+    """The contract's refusals as ``InputError``, the error ume-edge's Python API raises for bad inputs."""
+    try:
+        yield
+    except contract.Refused as refused:
+        raise InputError(str(refused), refused.reason) from None
 
 
 class CheckedEncoder:
-    """One modality's engine that refuses the values ``check_values`` refuses, as an ``InputError``."""
+    """One modality's engine that refuses the values ``contract.check_values`` refuses, as an ``InputError``."""
 
-    def __init__(self, engine, spec: ModalitySpec):
+    def __init__(self, engine, spec: contract.ModalitySpec):
         self.engine, self.spec = engine, spec
         self.input_names, self.output_names = engine.input_names, engine.output_names
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_values(self.spec, feeds[self.spec.name])
+        with refusals_as_input_errors():
+            contract.check_values(self.spec, feeds[self.spec.name])
         return self.engine.infer(feeds)
 
     def close(self) -> None:
@@ -77,9 +65,11 @@ class Prediction:
 class Pipeline:
     """Per-modality engines and the fusion kernel of one engine directory. Close it (or use ``with``) to free them."""
 
-    def __init__(self, path: Path, manifest: engine_dir.Manifest, executor, options: OpenOptions = OpenOptions()):
-        self.path, self.manifest, self.executor, self.options = path, manifest, executor, options
-        self.modalities = [ModalitySpec(m.name, tuple(m.shape), np.dtype(m.dtype),
+    def __init__(self, path: Path, manifest: engine_dir.Manifest, executor,
+                 options: OpenOptions | None = None):
+        self.path, self.manifest, self.executor = path, manifest, executor
+        self.options = options or OpenOptions()
+        self.modalities = [contract.ModalitySpec(m.name, tuple(m.shape), np.dtype(m.dtype),
                                         None if m.value_range is None else tuple(m.value_range))
                            for m in (manifest.modality(n) for n in manifest.fusion.modality_order)]
         self.modality_names = [m.name for m in self.modalities]
@@ -90,7 +80,7 @@ class Pipeline:
         self._closing, self._running = False, 0
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None, options: OpenOptions | None = None) -> "Pipeline":
+    def load(cls, path: str | Path, threads: int | None = None, options: OpenOptions | None = None) -> Pipeline:
         """Open an engine directory after checking it (``engine_dir.load``) and that it fits this machine."""
         path = Path(path)
         options = options or OpenOptions(threads=threads)  # refuses threads this machine cannot have
@@ -141,79 +131,17 @@ class Pipeline:
                 self._state.notify_all()
 
     def _infer(self, inputs, present) -> Prediction:
-        given, batch = self._validate(inputs)
-        mask = self._presence(given, {} if present is None else present, batch)
+        given, mask = self._validate(inputs, present)
         try:
             return Prediction(*self.executor.infer(given, mask), mask)
         except UmeEdgeError:
             raise
         except Exception as error:  # a runtime's own exception types; the caller needs ours and the cause
-            raise UmeEdgeError(f"the {self.manifest.backend} engines of {self.path} failed on a batch of {batch} "
+            raise UmeEdgeError(f"the {self.manifest.backend} engines of {self.path} failed on a batch of {len(mask)} "
                                f"({', '.join(given)} present): {type(error).__name__}: {error}") from error
 
-    def _validate(self, inputs) -> tuple[dict[str, np.ndarray], int]:
-        if not isinstance(inputs, dict):
-            raise InputError(f"inputs must be a dict of modality name -> array, got {type(inputs).__name__}",
-                             "unknown_input")
-        unknown = sorted(map(repr, set(inputs) - set(self.modality_names)))
-        if unknown:
-            raise InputError(f"unknown modality {', '.join(unknown)}; this model takes "
-                             f"{', '.join(self.modality_names)}", "unknown_input")
-        given = {spec.name: self._check_array(spec, inputs[spec.name]) for spec in self.modalities
-                 if inputs.get(spec.name) is not None}
-        if not given:
-            raise InputError(f"no modality present: give at least one of {', '.join(self.modality_names)}",
-                             "no_modality")
-        batches = {name: len(x) for name, x in given.items()}
-        if len(set(batches.values())) != 1:
-            raise InputError(f"batch sizes differ between modalities: {batches}", "shape")
-        return given, next(iter(batches.values()))
-
-    def _check_array(self, spec: ModalitySpec, x) -> np.ndarray:
-        if type(x) is not np.ndarray:  # a masked array, a matrix or a memmap subclass would hide or change values
-            raise InputError(f"modality {spec.name!r}: expected a plain numpy array, got {type(x).__name__}; pass "
-                             "np.asarray(...) of the values you mean (fill masked values first)", "dtype")
-        if x.dtype != spec.dtype:
-            raise InputError(f"modality {spec.name!r}: expected dtype {spec.dtype}, got {x.dtype}", "dtype")
-        if x.ndim != len(spec.shape) + 1 or tuple(x.shape[1:]) != spec.shape:
-            raise InputError(f"modality {spec.name!r}: expected shape [batch, {', '.join(map(str, spec.shape))}], "
-                             f"got {list(x.shape)}", "shape")
-        if len(x) == 0:
-            raise InputError(f"modality {spec.name!r}: empty batch (0 rows)", "shape")
-        if len(x) > self.max_batch:
-            raise InputError(f"modality {spec.name!r}: batch of {len(x)} is above the built maximum "
-                             f"{self.max_batch}; split it, or rebuild with --max-batch {len(x)}", "batch_size")
-        check_values(spec, x)
-        return np.ascontiguousarray(x)
-
-    def _presence(self, given: dict[str, np.ndarray], present, batch: int) -> np.ndarray:
-        if not isinstance(present, dict):
-            raise InputError(f"present must be a dict of modality name -> bool array of shape ({batch},), got "
-                             f"{type(present).__name__}", "mask")
-        if not present:  # whole-batch presence: every row holds the given modalities, and there is at least one
-            mask = np.empty((batch, len(self.modalities)), bool)
-            mask[:] = [name in given for name in self.modality_names]
-            return mask
-        unknown = sorted(map(repr, set(present) - set(self.modality_names)))
-        if unknown:
-            raise InputError(f"present names unknown modality {', '.join(unknown)}", "mask")
-        mask = np.zeros((batch, len(self.modalities)), bool)
-        for i, spec in enumerate(self.modalities):
-            if spec.name not in given:
-                if spec.name in present and np.any(present[spec.name]):
-                    raise InputError(f"present[{spec.name!r}] marks rows present but no {spec.name!r} input was "
-                                     "given", "mask")
-                continue
-            if spec.name not in present:
-                mask[:, i] = True
-                continue
-            rows = present[spec.name]
-            if type(rows) is not np.ndarray or rows.shape != (batch,) or rows.dtype != bool:
-                raise InputError(f"present[{spec.name!r}] must be a bool numpy array of shape ({batch},), got "
-                                 f"{getattr(rows, 'dtype', type(rows).__name__)} {list(np.shape(rows))}", "mask")
-            mask[:, i] = rows
-        empty = np.flatnonzero(~mask.any(axis=1))
-        if len(empty):
-            raise InputError(f"rows {empty[:10].tolist()} have no modality present; drop them or give at least one "
-                             "modality", "no_modality")
-        return mask
+    def _validate(self, inputs, present) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        with refusals_as_input_errors():
+            given, batch = contract.check_inputs(inputs, self.modalities, self.max_batch)
+            return given, contract.presence_mask(given, {} if present is None else present, self.modality_names,
+                                                 batch)
