@@ -109,6 +109,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     import os, shutil, signal, sys
     from pathlib import Path
     from ume_edge import engine_dir
+    from ume_edge.engine_dir import publishing
 
     new_build, out, kill_after, atomic = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     staging = engine_dir.make_staging(out)
@@ -126,7 +127,7 @@ _KILL_SCRIPT = textwrap.dedent("""
 
     for name in ("rename", "unlink", "rmdir"):
         setattr(os, name, counted(getattr(os, name)))
-    engine_dir.exchange = counted(engine_dir.exchange) if atomic else (lambda a, b: False)
+    publishing.exchange = counted(publishing.exchange) if atomic else (lambda a, b: False)
     engine_dir.publish(staging, out)
     print("published after", steps[0], "steps")
 """)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ume_edge import engine_dir
+from ume_edge.engine_dir import publishing
 from ume_edge.build import BuildOptions, build, cli
 from ume_edge.build.cli import main
 from ume_edge.model import ConvEncoder, Modality, UMEModel, UntrustedEncoder
@@ -169,13 +170,13 @@ def test_ctrl_c_while_the_summary_prints_says_the_build_was_published(tiny_check
 
 
 def test_ctrl_c_during_the_publish_waits_for_it_and_says_so(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    publish = engine_dir.publish
+    publish = publishing.publish
 
     def publish_then_ctrl_c(staging, out):
         publish(staging, out)
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(engine_dir, "publish", publish_then_ctrl_c)
+    monkeypatch.setattr(publishing, "publish", publish_then_ctrl_c)
     out = tmp_path / "out"
     line = _interrupted_main(_build_args(tiny_checkpoint, out), capsys)
     assert f"published at {out}" in line

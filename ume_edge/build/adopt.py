@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from ume_edge import backends, engine_dir
+from ume_edge.build.failures import write_failure
 from ume_edge.build.progress import note
-from ume_edge.build.stages import publish, write_failure
 from ume_edge.errors import BackendUnavailable, BuildError
 
 
@@ -25,8 +25,8 @@ def adopt(directory: Path) -> Path:
     if missing:
         raise BuildError(f"{directory} lacks {', '.join(missing)}: run {' or '.join(manifest.scripts)} there first "
                          "(on the target, with TensorRT's trtexec on PATH)")
-    staging = engine_dir.make_staging(directory)
-    try:
+    with engine_dir.staged(directory, lambda error, staging: write_failure(error, staging, directory,
+                                                                           "and adopt again")) as staging:
         shutil.copytree(directory, staging, dirs_exist_ok=True)
         engines, device = backend.adopt_engines(staging, manifest)
         for record in manifest.modalities:
@@ -39,14 +39,4 @@ def adopt(directory: Path) -> Path:
         manifest.accuracy["engines_run_by"] += f"; engines built on the target and adopted {time.strftime('%Y-%m-%d')}"
         engine_dir.save(staging, manifest)
         engine_dir.load(staging)
-        publish(staging, directory)
-    except Exception as error:
-        failure = write_failure(error, staging, directory, "and adopt again")
-        engine_dir.discard(staging)
-        if failure is None:
-            raise
-        raise failure from None
-    except BaseException:
-        engine_dir.discard(staging)
-        raise
     return directory
