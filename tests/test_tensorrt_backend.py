@@ -21,7 +21,8 @@ from ume_edge.backends.tensorrt import api
 from ume_edge.backends.tensorrt.compat import check_plan_compatible, dla_problem
 from ume_edge.backends.tensorrt.config import BuildConfig, build_engine, builder_settings, default_opt_batch
 from ume_edge.backends.tensorrt.engine import DeviceTensor, TensorRTEngine
-from ume_edge.build import BuildOptions
+from ume_edge.backends.tensorrt.options import TensorRTOptions
+from ume_edge.build import BuildOptions, build
 from ume_edge.errors import BackendUnavailable, BuildError, EngineMismatch, InputError, UmeEdgeError
 
 GIB = 1 << 30
@@ -200,13 +201,13 @@ def test_tensorrt_11_4_0_has_dla_only_on_windows_on_arm():
 
 def test_a_dla_build_on_tensorrt_without_dla_is_refused_before_any_work(monkeypatch, tmp_path):
     trt, _ = install(monkeypatch, "10.16", device=ORIN)
-    options = BuildOptions(backend="tensorrt", precision="fp16", dla_core=0, out=tmp_path / "out")
     with pytest.raises(BuildError, match="TensorRT 10.16.1.11 has no DLA support"):
-        backend().check_build_options(options)
+        build(BuildOptions(backend="tensorrt", precision="fp16", backend_options=TensorRTOptions(dla_core=0),
+                           out=tmp_path / "out"))
     with pytest.raises(BuildError, match="TensorRT 10.16.1.11 has no DLA support"):
         build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", {"x": (3,)}, BuildConfig(precision="fp16", dla_core=0))
     assert trt.builds == [] and not (tmp_path / "x.plan").exists()
-    backend().check_build_options(BuildOptions(backend="tensorrt", precision="fp16", dla_core=0, export_only=True))
+    backend().check_build_options(TensorRTOptions(dla_core=0), "fp16", max_batch=64, export_only=True)
 
 
 # ---------------------------------------------------------------- plan compatibility

@@ -18,6 +18,7 @@ from trt_fakes import batches_run, install
 from ume_edge import engine_dir, triton_repo
 from ume_edge.backends.base import HostExecutor
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
+from ume_edge.backends.tensorrt.options import TensorRTOptions
 from ume_edge.build import BuildOptions, build
 from ume_edge.build.adopt import adopt
 from ume_edge.build.cli import main as build_main
@@ -35,10 +36,11 @@ model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
 
 
-def build_with_fakes(out, version="10.16", release=None, device=H100, **options):
+def build_with_fakes(out, version="10.16", release=None, device=H100, precision="int8", **tensorrt):
     with pytest.MonkeyPatch.context() as patch:
         install(patch, version, release, device)
-        return build(BuildOptions(backend="tensorrt", max_batch=MAX_BATCH, out=out, **options))
+        return build(BuildOptions(backend="tensorrt", max_batch=MAX_BATCH, out=out, precision=precision,
+                                  backend_options=TensorRTOptions(**tensorrt)))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,8 @@ def exported(tmp_path_factory):
 def exported_for_dla(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     return build(BuildOptions(backend="tensorrt", export_only=True, precision="int8", max_batch=MAX_BATCH,
-                              dla_core=1, timing_cache=folder / "orin.cache", out=folder / "int8-dla1-export"))
+                              backend_options=TensorRTOptions(dla_core=1, timing_cache=folder / "orin.cache"),
+                              out=folder / "int8-dla1-export"))
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +173,8 @@ def test_a_dla_build_on_tensorrt_without_dla_is_refused_before_any_work(monkeypa
     """Issue 9, defect 5."""
     install(monkeypatch, "10.16", device=ORIN)
     with pytest.raises(BuildError, match="TensorRT 10.16.1.11 has no DLA support"):
-        build(BuildOptions(backend="tensorrt", precision="fp16", dla_core=0, out=tmp_path / "out"))
+        build(BuildOptions(backend="tensorrt", precision="fp16", backend_options=TensorRTOptions(dla_core=0),
+                           out=tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

@@ -9,14 +9,18 @@ compares backend names: whatever differs between runtimes is an attribute or a m
 from __future__ import annotations
 
 import abc
+import argparse
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from ume_edge.constants import LOGITS, PARTIAL_LOGITS, PRESENT, PROBS
+from ume_edge.engine_dir import Manifest
 from ume_edge.errors import BuildError, UmeEdgeError
 
 
@@ -67,17 +71,64 @@ class OpenOptions:
         check_threads(self.threads)
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """A backend's own build options. Each field is a flag of ``python -m ume_edge.build`` (``--workspace-mb`` for
+    ``workspace_mb``) with ``metadata["help"]`` as its help; a build refuses the options of another backend."""
+
+    backend: ClassVar[str]
+    title: ClassVar[str]
+
+    @staticmethod
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One argument group with a flag per field, its default the field's."""
+        if not dataclasses.fields(cls):
+            return
+        group = parser.add_argument_group(cls.title)
+        hints = typing.get_type_hints(cls)
+        for spec in dataclasses.fields(cls):
+            if hints[spec.name] is bool:
+                group.add_argument(cls.flag(spec.name), action="store_true", help=spec.metadata["help"])
+            else:
+                group.add_argument(cls.flag(spec.name), type=_value_type(hints[spec.name]), default=spec.default,
+                                   help=spec.metadata["help"])
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {spec.name for spec in dataclasses.fields(cls)}
+
+    def flags(self) -> list[str]:
+        """The flags set to something other than their defaults, as typed on a command line."""
+        return [self.flag(spec.name) + ("" if value is True else f" {value}") for spec in dataclasses.fields(self)
+                if (value := getattr(self, spec.name)) != spec.default]
+
+
+def _value_type(hint: Any) -> Any:
+    """``int`` for ``int | None``: what argparse converts a flag's text with."""
+    return next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
+
+
+OptionsT = TypeVar("OptionsT", bound=BackendOptions)
+
+
 @dataclass
-class CompileJob:
-    """What the build's compile stage hands a backend: the chosen file per modality and the fusion ONNX."""
+class CompileJob(Generic[OptionsT]):
+    """What the build's compile stage hands a backend: the chosen file per modality, the fusion ONNX, and the
+    backend's own options."""
 
     staging: Path
-    chosen: dict  # modality name -> build.gate.Candidate
+    chosen: dict[str, Any]  # modality name -> build.gate.Candidate (backends never import the build)
     fusion_onnx: Path
     input_shapes: dict[str, tuple[int, ...]]
     num_modalities: int
     num_classes: int
-    options: object  # build.BuildOptions
+    max_batch: int
+    export_only: bool
+    options: OptionsT
 
 
 @dataclass
@@ -103,8 +154,9 @@ class TritonModel:
     secondary_devices: tuple[dict, ...] = ()
 
 
-class Backend(abc.ABC):
+class Backend(abc.ABC, Generic[OptionsT]):
     name: str
+    options_type: type[OptionsT]
     precisions: tuple[str, ...]
     int8_format: str  # the Q/DQ flavour this backend runs: "U8S8" or "S8S8"
     fallback_precision: str  # what a modality falls back to when INT8 costs too much
@@ -125,14 +177,14 @@ class Backend(abc.ABC):
     def device(self) -> dict:
         """This machine as a manifest's ``device`` records it."""
 
-    def check_build_options(self, options) -> None:
+    def check_build_options(self, options: OptionsT, precision: str, max_batch: int, export_only: bool) -> None:
         """Refuse, before any work, options this backend cannot build (``BuildError``)."""
 
     @abc.abstractmethod
-    def compile(self, job: CompileJob) -> CompiledFiles: ...
+    def compile(self, job: CompileJob[OptionsT]) -> CompiledFiles: ...
 
     @abc.abstractmethod
-    def check_compatible(self, manifest, options: OpenOptions = OpenOptions()) -> None:
+    def check_compatible(self, manifest: Manifest, options: OpenOptions = OpenOptions()) -> None:
         """Raise ``EngineMismatch`` or ``BackendUnavailable`` unless ``manifest``'s engines run here."""
 
     @abc.abstractmethod
@@ -140,23 +192,23 @@ class Backend(abc.ABC):
         """One engine file; ``device`` is what it was built for (a manifest's ``device``)."""
 
     @abc.abstractmethod
-    def open(self, directory: Path, manifest, options: OpenOptions) -> Executor: ...
+    def open(self, directory: Path, manifest: Manifest, options: OpenOptions) -> Executor: ...
 
     @abc.abstractmethod
-    def triton_model(self, manifest, modality: str | None) -> TritonModel:
+    def triton_model(self, manifest: Manifest, modality: str | None) -> TritonModel:
         """How Triton serves a modality's engine (``None``: the fusion's)."""
 
-    def target_build_scripts(self, manifest, targets: dict[str, tuple[str, str]]) -> dict[str, str]:
+    def target_build_scripts(self, manifest: Manifest, targets: dict[str, tuple[str, str]]) -> dict[str, str]:
         """Scripts (name -> text) that build each ``targets[key] = (source, engine)`` on the target, for a
         repository made from an export-only directory; empty for a backend that never exports only."""
         return {}
 
-    def adopt_engines(self, directory: Path, manifest) -> tuple[dict[str, Path], dict]:
+    def adopt_engines(self, directory: Path, manifest: Manifest) -> tuple[dict[str, Path], dict]:
         """The engines an export-only ``directory``'s scripts built on this machine (by modality and "fusion"), each
         loaded and checked, and the device they run on."""
         raise BuildError(f"{self.name} directories are never export-only; there is nothing to adopt")
 
-    def target_onnx(self, candidate) -> Path:
+    def target_onnx(self, candidate: Any) -> Path:
         """The ONNX file of a gate candidate that stands for this backend's engine (what the gate scores)."""
         return candidate.file
 

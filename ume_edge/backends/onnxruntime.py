@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ume_edge.backends.base import (Backend, CompiledFiles, CompileJob, HostExecutor, OpenOptions, TritonModel,
-                                   check_threads)
+from ume_edge.backends.base import (Backend, BackendOptions, CompiledFiles, CompileJob, HostExecutor, OpenOptions,
+                                   TritonModel, check_threads)
+from ume_edge.engine_dir import Manifest
 from ume_edge.errors import BackendUnavailable, EngineMismatch
 
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
@@ -83,8 +85,17 @@ class OnnxRuntimeEngine:
         self.session = self.small_batch_session = None
 
 
-class OnnxRuntimeBackend(Backend):
+@dataclass(frozen=True)
+class OnnxRuntimeOptions(BackendOptions):
+    """ONNX Runtime builds need no options of their own (``--threads`` is every build's)."""
+
+    backend = "onnxruntime"
+    title = "ONNX Runtime (with --backend onnxruntime)"
+
+
+class OnnxRuntimeBackend(Backend[OnnxRuntimeOptions]):
     name = "onnxruntime"
+    options_type = OnnxRuntimeOptions
     precisions = ("fp32", "int8")  # no fast fp16 kernels on a CPU
     int8_format = "U8S8"
     fallback_precision = "fp32"
@@ -98,13 +109,13 @@ class OnnxRuntimeBackend(Backend):
     def device(self) -> dict:
         return device_info()
 
-    def compile(self, job: CompileJob) -> CompiledFiles:
+    def compile(self, job: CompileJob[OnnxRuntimeOptions]) -> CompiledFiles:
         engines = {"fusion": shutil.copyfile(job.fusion_onnx, job.staging / "fusion.onnx")}
         for name, candidate in job.chosen.items():
             engines[name] = shutil.copyfile(candidate.file, job.staging / f"{name}.onnx")
         return CompiledFiles(engines={k: Path(v) for k, v in engines.items()}, device=self.device())
 
-    def check_compatible(self, manifest, options: OpenOptions = OpenOptions()) -> None:
+    def check_compatible(self, manifest: Manifest, options: OpenOptions = OpenOptions()) -> None:
         built, here = manifest.versions.get("onnxruntime"), get_version()
         if here is None:
             raise BackendUnavailable(self.unavailable_reason())
@@ -118,12 +129,12 @@ class OnnxRuntimeBackend(Backend):
     def open_engine(self, path: Path, options: OpenOptions, device: dict | None = None) -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(path, options.threads)
 
-    def open(self, directory: Path, manifest, options: OpenOptions) -> HostExecutor:
+    def open(self, directory: Path, manifest: Manifest, options: OpenOptions) -> HostExecutor:
         engines = {m.name: self.open_engine(directory / m.engine.path, options) for m in manifest.modalities}
         fusion = self.open_engine(directory / manifest.fusion.engine.path, options)
         return HostExecutor(engines, fusion, manifest.fusion.modality_order, manifest.model.num_classes)
 
-    def triton_model(self, manifest, modality: str | None) -> TritonModel:
+    def triton_model(self, manifest: Manifest, modality: str | None) -> TritonModel:
         return TritonModel(platform="onnxruntime_onnx", file_name="model.onnx", instance_kind="KIND_CPU")
 
 

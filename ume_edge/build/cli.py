@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 
 from ume_edge import backends, engine_dir
+from ume_edge.backends.base import BackendOptions
 from ume_edge.build.inputs import DEFAULT_CALIB
 from ume_edge.build.quantize import CALIB_METHODS
-from ume_edge.build.stages import BuildOptions, build, format_summary
+from ume_edge.build.options import BuildOptions
+from ume_edge.build.stages import build
+from ume_edge.build.summary import format_summary
 from ume_edge.cli_common import DefaultsFormatter, show_progress
 from ume_edge.constants import (DEFAULT_CALIB_METHOD, DEFAULT_MAX_BATCH, DEFAULT_MAX_DROP, DEFAULT_PRECISION,
                                 PRECISIONS, PROJECT_ROOT)
@@ -57,16 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads for verification (default: all cores)")
     parser.add_argument("--allow-chance-accuracy", action="store_true",
                         help="build even when the fp32 model is no better than chance on the evaluation data")
-    trt = parser.add_argument_group("TensorRT (with --backend tensorrt)")
-    trt.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit (MiB); lower on Jetson")
-    trt.add_argument("--timing-cache", type=Path, help="persistent timing cache file: rebuilds reuse kernel timings "
-                                                       "(default: none)")
-    trt.add_argument("--dla-core", type=int, help="build the encoders for this DLA core (Jetson), GPU fallback on "
-                                                  "(default: GPU only)")
-    trt.add_argument("--hardware-compatible", action="store_true",
-                     help="plans that run on any Ampere or newer GPU (slower; not on Jetson)")
-    trt.add_argument("--version-compatible", action="store_true",
-                     help="plans that later TensorRT versions can run (slower)")
+    for options_type in backends.options_types().values():
+        options_type.add_arguments(parser)
     return parser
 
 
@@ -78,13 +73,30 @@ def _encoder_name(text: str) -> str:
     return text
 
 
-def _options(args: argparse.Namespace) -> BuildOptions:
-    fields = {name for name in BuildOptions.__dataclass_fields__}
-    return BuildOptions(**{k: v for k, v in vars(args).items() if k in fields})
+def _options(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> BuildOptions:
+    fields = set(BuildOptions.__dataclass_fields__) - {"backend_options"}
+    return BuildOptions(**{k: v for k, v in vars(args).items() if k in fields},
+                        backend_options=_backend_options(parser, args, argv))
+
+
+def _backend_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     argv: list[str] | None) -> BackendOptions | None:
+    """The options of the backend whose flags were given (None when none were); flags of two backends at once are
+    a usage error."""
+    types = backends.options_types()
+    unset = object()  # argparse keeps a value already in the namespace, so only given flags replace this
+    probe = argparse.Namespace(**dict.fromkeys(set().union(*(t.field_names() for t in types.values())), unset))
+    given = {name for name, value in vars(parser.parse_args(argv, namespace=probe)).items() if value is not unset}
+    owners = {name: options_type for name, options_type in types.items() if given & options_type.field_names()}
+    if len(owners) > 1:
+        parser.error(f"options of {' and '.join(owners)} given together; a build uses one backend")
+    return next((options_type(**{k: getattr(args, k) for k in given & options_type.field_names()})
+                 for options_type in owners.values()), None)
 
 
 def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     show_progress()
     started = time.perf_counter()
     published = None
@@ -94,7 +106,7 @@ def main(argv=None) -> None:
 
             published = adopt(args.adopt)
         else:
-            published = build(_options(args))
+            published = build(_options(parser, args, argv))
         summary = format_summary(engine_dir.load(published), published, time.perf_counter() - started)
     except (UmeEdgeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from ume_edge.backends.base import Backend
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
+from ume_edge.build.options import BuildOptions
 from ume_edge.build.progress import note
 from ume_edge.build.quantize import (CALIB_METHODS, MIN_TENSORRT_GEMM_DIM, QuantizedFiles, Quantizer,
                                      tensorrt_quantizes_any)
@@ -104,7 +106,7 @@ class Evaluator:
         return rows
 
 
-def _candidate(name: str, files: QuantizedFiles, backend) -> Candidate:
+def _candidate(name: str, files: QuantizedFiles, backend: Backend[Any]) -> Candidate:
     """An INT8 candidate; a TensorRT-target file that breaks TensorRT's rules fails only a backend that enforces them."""
     from ume_edge.build.qdq_rules import check_tensorrt_qdq, violations_error
 
@@ -115,7 +117,7 @@ def _candidate(name: str, files: QuantizedFiles, backend) -> Candidate:
                      files.calibration_cache, problems, quantized=files)
 
 
-def _quantize(name: str, samples: np.ndarray, method: str, fp32: Path, work: Path, backend,
+def _quantize(name: str, samples: np.ndarray, method: str, fp32: Path, work: Path, backend: Backend[Any],
               quantizer: Quantizer) -> Candidate:
     folder = work / "int8"
     folder.mkdir(exist_ok=True)
@@ -128,7 +130,7 @@ def _quantize(name: str, samples: np.ndarray, method: str, fp32: Path, work: Pat
     return _candidate(name, files, backend)
 
 
-def fallback(name: str, fp32: Path, backend, work: Path) -> Candidate:
+def fallback(name: str, fp32: Path, backend: Backend[Any], work: Path) -> Candidate:
     """The backend's float precision: fp32 for ONNX Runtime on a CPU (no fast fp16 kernels), fp16 for TensorRT."""
     if backend.fallback_precision == "fp16":
         from ume_edge.build.quantize import to_fp16
@@ -139,7 +141,7 @@ def fallback(name: str, fp32: Path, backend, work: Path) -> Candidate:
     return Candidate("fp32", fp32, fp32)
 
 
-def _score(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator: Evaluator, backend) -> Candidate:
+def _score(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator: Evaluator, backend: Backend[Any]) -> Candidate:
     """Score one modality's candidate with every other modality at fp32, on the patterns that hold it. The file scored
     is the one the backend's engine is made from (for TensorRT, its S8S8 Q/DQ ONNX, run by ONNX Runtime: the same
     quantisation, before any plan exists; the build's verification stage scores the built plans themselves)."""
@@ -150,7 +152,7 @@ def _score(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator
     return candidate
 
 
-def choose(name: str, fp32: Path, calib: np.ndarray, options, backend, work: Path, evaluator: Evaluator,
+def choose(name: str, fp32: Path, calib: np.ndarray, options: BuildOptions, backend: Backend[Any], work: Path, evaluator: Evaluator,
            baseline: dict[str, Path], quantizer: Quantizer) -> tuple[Candidate, list[dict]]:
     """INT8 with the requested calibration method, then the others (a method that passes keeps every layer in INT8:
     the fastest engine); then the best of them with the fewest layers in float; the fallback if none keeps within
@@ -248,7 +250,7 @@ class LayerSearch:
     in the CPU file a weighted node quantizes its output and the next one its input, and either alone clips an
     outlier channel."""
 
-    def __init__(self, name: str, best: Candidate, fp32: Path, max_drop: float, backend, evaluator: Evaluator,
+    def __init__(self, name: str, best: Candidate, fp32: Path, max_drop: float, backend: Backend[Any], evaluator: Evaluator,
                  baseline: dict[str, Path], quantizer: Quantizer):
         self.name, self.best, self.fp32, self.max_drop = name, best, fp32, max_drop
         self.backend, self.evaluator, self.baseline, self.quantizer = backend, evaluator, baseline, quantizer

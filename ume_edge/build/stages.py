@@ -2,106 +2,35 @@
 
 Stages: load the model, export one ONNX per modality, calibrate and quantise (INT8) with an accuracy gate per
 modality, compile for the backend, verify every presence pattern against the fp32 PyTorch model, then publish the
-engine directory (``engine_dir.publish``): a failed or interrupted build leaves ``--out`` as it was.
+engine directory (``engine_dir.staged``): a failed or interrupted build leaves ``--out`` as it was. What was asked is
+checked first (``options``); a failure the disk caused is explained by ``failures``, the result by ``summary``.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import math
-import os
-import re
 import shutil
-import signal
-import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from ume_edge import __version__, backends, engine_dir
-from ume_edge.backends.base import CompiledFiles, CompileJob, OpenOptions
+from ume_edge.backends.base import Backend, BackendOptions, CompiledFiles, CompileJob, OpenOptions
 from ume_edge.build import gate, inputs
+from ume_edge.build.failures import write_failure
+from ume_edge.build.options import BuildOptions, check_options, resolve_backend
 from ume_edge.build.progress import note, stage
 from ume_edge.build.quantize import Quantizer
-from ume_edge.constants import (DEFAULT_CALIB_METHOD, DEFAULT_MAX_BATCH, DEFAULT_MAX_DROP, DEFAULT_PRECISION,
-                                ENGINES_DIR, PRECISIONS)
-from ume_edge.errors import BackendUnavailable, BuildError, EngineMismatch, UmeEdgeError
+from ume_edge.constants import DEFAULT_PRECISION, ENGINES_DIR
+from ume_edge.errors import BuildError, EngineMismatch
 from ume_edge.fusion import FusionParams, fusion_graph
 
 STAGES = 6
 REFERENCE_SOURCE = "reference"
-SHORT_WRITE = "short write"  # numpy's tofile and save say only "N requested and M written"
-WRITE_ERRORS = {  # errno: what it means, what the user can do
-    errno.ENOSPC: ("no space left on device", "free space there"),
-    errno.EDQUOT: ("disk quota exceeded", "free space within your quota"),
-    errno.EFBIG: ("file too large (the file system's or `ulimit -f`'s limit)", "raise the limit"),
-    errno.EROFS: ("read-only file system", "make it writable"),
-    errno.EACCES: ("permission denied", "make it writable for you"),
-    errno.EPERM: ("operation not permitted", "make it writable for you"),
-    SHORT_WRITE: ("a write was cut short (the disk is full or a file-size limit was reached)",
-                  "free space or raise the limit"),
-}
-SHORT_WRITE_TEXT = re.compile(r"\d+ requested and \d+ written")
-WORKER_ERRNO = re.compile(r"\[Errno (\d+)\][^'\n]*(?:'([^'\n]*)')?")  # an OSError the quantizer process sent as text
-
-
-@dataclass
-class BuildOptions:
-    model: str | None = None
-    trusted_encoders: tuple[str, ...] = ()
-    precision: str = DEFAULT_PRECISION
-    backend: str = "auto"
-    calib_data: str | None = None
-    eval_data: str | None = None
-    calib_method: str = DEFAULT_CALIB_METHOD
-    max_batch: int = DEFAULT_MAX_BATCH
-    max_drop: float = DEFAULT_MAX_DROP
-    out: Path | None = None
-    export_only: bool = False
-    threads: int | None = None
-    allow_chance_accuracy: bool = False
-    workspace_mb: int = 1024
-    timing_cache: Path | None = None
-    dla_core: int | None = None
-    hardware_compatible: bool = False
-    version_compatible: bool = False
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# options and where the output goes
-
-
-def _check_options(options: BuildOptions) -> None:
-    problems = []
-    if options.precision not in PRECISIONS:
-        problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, not {options.precision!r}")
-    if options.max_batch < 1:
-        problems.append(f"--max-batch must be at least 1, not {options.max_batch}")
-    if not (options.max_drop >= 0 and math.isfinite(options.max_drop)):
-        problems.append(f"--max-drop is points of accuracy INT8 may cost (0 or more), not {options.max_drop}")
-    if options.threads is not None and options.threads < 1:
-        problems.append(f"--threads must be at least 1, not {options.threads}")
-    if problems:
-        raise BuildError("; ".join(problems))
-
-
-def resolve_backend(options: BuildOptions):
-    backend = backends.resolve(options.backend)
-    if options.precision not in backend.precisions:
-        raise BuildError(f"{options.precision} is not a precision of {backend.name} (it builds "
-                         f"{', '.join(backend.precisions)}); choose another --precision or --backend")
-    if options.export_only and not backend.can_export_only:
-        raise BuildError(f"--export-only writes files to build engines on another machine; {backend.name} engines "
-                         "are built here. Use --export-only with --backend tensorrt, or drop it")
-    if not options.export_only and (reason := backend.unavailable_reason()):
-        raise BackendUnavailable(reason)
-    backend.check_build_options(options)
-    return backend
 
 
 def model_sha256(model) -> str:
@@ -154,7 +83,7 @@ def _refuse_chance_accuracy(evaluator: gate.Evaluator, data: inputs.DataSet, opt
                          "are preprocessed as in training, or pass --allow-chance-accuracy")
 
 
-def _verify(evaluator: gate.Evaluator, backend, compiled: CompiledFiles, names: list[str],
+def _verify(evaluator: gate.Evaluator, backend: Backend[Any], compiled: CompiledFiles, names: list[str],
             options: BuildOptions) -> tuple[dict, str]:
     """Score every pattern with what was built: the engines, or (export only) the ONNX they will be built from."""
     if all(compiled.engines[name] is not None for name in names):
@@ -168,8 +97,8 @@ def _verify(evaluator: gate.Evaluator, backend, compiled: CompiledFiles, names: 
                                    "or adopt on the target to verify the engines)"
 
 
-def _run_stages(model, options: BuildOptions, backend, calib: inputs.DataSet, evaluation: inputs.DataSet,
-                staging: Path, sha256: str) -> engine_dir.Manifest:
+def _run_stages(model, options: BuildOptions, backend: Backend[Any], backend_options: BackendOptions,
+                calib: inputs.DataSet, evaluation: inputs.DataSet, staging: Path, sha256: str) -> engine_dir.Manifest:
     work = staging / "work"
     work.mkdir()
     stage(2, STAGES, "exporting one ONNX per modality (encoder + its slice of the head)")
@@ -190,7 +119,8 @@ def _run_stages(model, options: BuildOptions, backend, calib: inputs.DataSet, ev
     fusion_onnx = work / "fusion.onnx"
     onnx.save(fusion_graph(params), str(fusion_onnx))
     compiled = backend.compile(CompileJob(staging, chosen, fusion_onnx, {m.name: m.input_shape for m in model.modalities},
-                                          len(model.modalities), model.num_classes, options))
+                                          len(model.modalities), model.num_classes, options.max_batch,
+                                          options.export_only, backend_options))
     stage(5, STAGES, "verifying every presence pattern against fp32 PyTorch")
     accuracy, run_by = _verify(evaluator, backend, compiled, model.modality_names, options)
     return _manifest(model, options, backend, chosen, tried, exported, compiled, staging, sha256, {
@@ -209,7 +139,7 @@ def _record(staging: Path, path: Path | None) -> engine_dir.FileRecord | None:
     return None if path is None else engine_dir.record_file(staging, path)
 
 
-def _manifest(model, options, backend, chosen, tried, exported, compiled: CompiledFiles, staging: Path, sha256: str,
+def _manifest(model, options: BuildOptions, backend: Backend[Any], chosen, tried, exported, compiled: CompiledFiles, staging: Path, sha256: str,
               accuracy: dict, calibration: dict) -> engine_dir.Manifest:
     modalities = [engine_dir.ModalityRecord(
         name=m.name, shape=list(m.input_shape), dtype=m.dtype, precision=chosen[m.name].precision,
@@ -246,8 +176,8 @@ def _manifest(model, options, backend, chosen, tried, exported, compiled: Compil
 
 def build(options: BuildOptions) -> Path:
     """Run every stage and return the engine directory. Raises ``UmeEdgeError`` with an actionable message."""
-    _check_options(options)
-    backend = resolve_backend(options)
+    check_options(options)
+    backend, backend_options = resolve_backend(options)
     stage(1, STAGES, f"loading the model ({options.model or 'the shipped AV-Digits reference'})")
     model = inputs.load_model(options.model, options.trusted_encoders)
     sha256 = model_sha256(model)
@@ -259,150 +189,13 @@ def build(options: BuildOptions) -> Path:
     out = Path(options.out) if options.out else default_out(_model_label(model, options, sha256), options.precision,
                                                             backend.name, options.export_only)
     note(f"{model.name}: {', '.join(model.modality_names)} ({model.fusion}), backend {backend.name}, -> {out}")
-    engine_dir.check_replaceable(out)
-    staging = engine_dir.make_staging(out)
-    try:
-        manifest = _run_stages(model, options, backend, calib, evaluation, staging, sha256)
+    with engine_dir.staged(out, lambda error, staging: write_failure(error, staging, out,
+                                                                     "or choose another --out")) as staging:
+        manifest = _run_stages(model, options, backend, backend_options, calib, evaluation, staging, sha256)
         stage(6, STAGES, f"writing {out}")
         engine_dir.save(staging, manifest)
         shutil.rmtree(staging / "work")
-        publish(staging, out)
-    except Exception as error:
-        failure = write_failure(error, staging, out, "or choose another --out")
-        engine_dir.discard(staging)
-        if failure is None:
-            raise
-        raise failure from None
-    except BaseException:
-        engine_dir.discard(staging)
-        raise
     return out
-
-
-class InterruptedAfterPublish(KeyboardInterrupt):
-    """Ctrl-C came while a finished build was being published; it was held back until ``out`` held the new build."""
-
-    def __init__(self, out: Path):
-        super().__init__(str(out))
-        self.out = out
-
-
-def publish(staging: Path, out: Path) -> None:
-    """``engine_dir.publish`` with Ctrl-C held back until it is done, so that an interrupt never leaves the caller
-    unsure whether ``out`` is the old build or the new one: one that came raises ``InterruptedAfterPublish``."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        engine_dir.publish(staging, out)
-        return
-    held = []
-    signal.signal(signal.SIGINT, lambda *_: held.append(True))
-    try:
-        engine_dir.publish(staging, out)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if held:
-        raise InterruptedAfterPublish(out)
-
-
-def write_failure(error: Exception, staging: Path, out: Path, retry: str) -> BuildError | None:
-    """One line for a build that the disk stopped (full, over quota or a size limit, read-only, not permitted), as
-    ``error`` or its causes say, or as the space left shows when they do not (a truncated file read back fails with
-    a parse error); ``retry`` ends the advice. None when the failure is not about writing."""
-    code, filename = _errno_in(error)
-    kept = f"{out} is as it was"
-    if code in WRITE_ERRORS:
-        cause, remedy = WRITE_ERRORS[code]
-        return BuildError(f"{cause} while writing {_where(filename, staging, out)}; {remedy} {retry}; {kept}")
-    if (space := _space_short(staging)) is not None:
-        free, largest = space
-        return BuildError(f"{_one_line(error)}; only {free / 2**20:.1f} MiB is free where {out} is written, less than "
-                          f"the largest file this build wrote ({largest / 2**20:.1f} MiB), so the disk is likely "
-                          f"full: {WRITE_ERRORS[errno.ENOSPC][1]} {retry}; {kept}")
-    if isinstance(error, OSError):
-        return BuildError(f"{_one_line(error)} while building {out}; {kept}")
-    return None
-
-
-def _errno_in(error: BaseException | None) -> tuple[int | str | None, str | None]:
-    """The errno (and file) of the first OSError in ``error``'s chain, also one that the quantizer process sent
-    back as text."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno is not None:
-            return error.errno, error.filename2 or error.filename
-        if match := WORKER_ERRNO.search(str(error)):
-            return int(match[1]), match[2]
-        if SHORT_WRITE_TEXT.search(str(error)):
-            return SHORT_WRITE, None
-        error = error.__cause__ or error.__context__
-    return None, None
-
-
-def _where(filename, staging: Path, out: Path) -> str:
-    if filename is None:  # the quantizer also writes in the temporary folder, which may be another file system
-        temporary = tempfile.gettempdir()
-        elsewhere = os.stat(temporary).st_dev != os.stat(staging.parent).st_dev
-        return str(out) + (f" or a temporary file in {temporary}" if elsewhere else "")
-    path = Path(os.fsdecode(filename))
-    return f"{out} ({path.relative_to(staging)})" if path.is_relative_to(staging) else str(path)
-
-
-def _space_short(staging: Path) -> tuple[int, int] | None:
-    """(free bytes, largest file written) when the space left could not hold another file as large, else None."""
-    try:
-        free = shutil.disk_usage(staging).free
-        largest = max((path.stat().st_size for path in staging.rglob("*") if path.is_file()), default=0)
-    except OSError:
-        return None
-    return (free, largest) if free < largest else None
-
-
-def _one_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else ""
-    return text if isinstance(error, UmeEdgeError) else f"{type(error).__name__}: {text}"
-
-
-def format_summary(manifest: engine_dir.Manifest, out: Path, seconds: float | None = None) -> str:
-    took = f" in {seconds:.1f} s" if seconds is not None else ""
-    lines = [f"\nBuilt {out}{took} ({manifest.backend}, requested {manifest.precision}, max batch "
-             f"{manifest.max_batch})", "", "| modality | precision | calibration | file | size |", "|---|---|---|---|---|"]
-    for m in manifest.modalities:
-        record = m.engine or m.onnx
-        size = (out / record.path).stat().st_size / 1024
-        precision = m.precision + (f" ({len(m.float_layers)} layer group(s) float)" if m.float_layers else "")
-        lines.append(f"| {m.name} | {precision} | {m.calibration_method or '-'} | {record.path} | {size:.0f} KiB |")
-    lines += _float_layer_lines(manifest)
-    data = manifest.accuracy
-    few = data["samples"] < inputs.FEW_EVAL_SAMPLES
-    lines += ["", f"{data['metric'].capitalize()} on {data['data']} ({data['samples']} samples), per presence pattern"
-              f"{'' if data['engines_run_by'] == manifest.backend else ' (' + data['engines_run_by'] + ')'}:", "",
-              "| pattern | fp32 PyTorch | engines | drop |", "|---|---|---|---|"]
-    for key, row in data["patterns"].items():
-        lines.append(f"| {key} | {row['fp32_torch']:.2f} | {row['engines']:.2f} | {row['drop']:+.2f} |")
-    if few:
-        lines.append(f"\nFew samples: {data['samples']} evaluation samples make each score uncertain by several "
-                     "points; give --eval-data with a few hundred or more to trust the drops.")
-    problems = {name: found for name, found in manifest.tensorrt_rules.items() if found}
-    if problems:
-        lines.append(f"\nThe TensorRT-target files break TensorRT's Q/DQ rules ({', '.join(problems)}); a TensorRT "
-                     "build of this model would fail. The manifest lists each problem under tensorrt_rules.")
-    if manifest.export_only:
-        lines += ["", f"Export only: no engine was built. On the target, run {' or '.join(manifest.scripts)} inside "
-                  f"{out}, then `python -m ume_edge.build --adopt {out}`; or run `python -m ume_edge.build --backend "
-                  f"{manifest.backend}` there."]
-    return "\n".join(lines)
-
-
-def _float_layer_lines(manifest: engine_dir.Manifest) -> list[str]:
-    kept = [(m.name, layer) for m in manifest.modalities for layer in m.float_layers]
-    if not kept:
-        return []
-    lines = ["", "Layers kept in float by the per-layer fallback (the rest of each modality is INT8):", "",
-             "| modality | layer | op | worst drop if quantized |", "|---|---|---|---|"]
-    return lines + [f"| {name} | {layer['layer']} | {layer['op']} | {layer['drop_if_quantized']:+.2f} |"
-                    for name, layer in kept]
 
 
 def ensure_default_engines(precision: str = DEFAULT_PRECISION) -> Path:

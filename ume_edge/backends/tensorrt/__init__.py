@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ume_edge.backends.base import Backend, CompiledFiles, CompileJob, OpenOptions, TritonModel
 from ume_edge.backends.onnxruntime import device_info as cpu_device_info
@@ -17,9 +18,11 @@ from ume_edge.backends.tensorrt import api
 from ume_edge.backends.tensorrt.compat import check_plan_compatible, dla_problem
 from ume_edge.backends.tensorrt.config import BuildConfig, build_engine
 from ume_edge.backends.tensorrt.engine import TensorRTEngine
+from ume_edge.backends.tensorrt.options import TensorRTOptions
 from ume_edge.backends.tensorrt.pipeline import DevicePipeline
 from ume_edge.backends.tensorrt.trtexec import MAJOR_RELEASES, PlanJob, script
 from ume_edge.constants import PARTIAL_LOGITS, PRESENT
+from ume_edge.engine_dir import Manifest, ModalityRecord
 from ume_edge.errors import BuildError, EngineMismatch
 
 FOLDER = "tensorrt"
@@ -41,8 +44,9 @@ def plan_config(settings: dict, precision: str, max_batch: int, on_gpu: bool = F
     return config
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(Backend[TensorRTOptions]):
     name = "tensorrt"
+    options_type = TensorRTOptions
     precisions = ("fp32", "fp16", "int8")
     int8_format = "S8S8"
     fallback_precision = "fp16"
@@ -59,27 +63,27 @@ class TensorRTBackend(Backend):
         return api.device_info()
 
     @staticmethod
-    def settings(options) -> dict:
+    def settings(options: TensorRTOptions) -> dict:
         return {"workspace_mb": options.workspace_mb, "dla_core": options.dla_core,
                 "timing_cache": str(options.timing_cache) if options.timing_cache else None,
                 "hardware_compatible": options.hardware_compatible, "version_compatible": options.version_compatible}
 
-    def check_build_options(self, options) -> None:
+    def check_build_options(self, options: TensorRTOptions, precision: str, max_batch: int, export_only: bool) -> None:
         settings = self.settings(options)
-        precisions = {options.precision} | ({self.fallback_precision} if options.precision == "int8" else set())
-        for precision in precisions:
-            plan_config(settings, precision, options.max_batch)
-        plan_config(settings, "fp32", options.max_batch, on_gpu=True)
+        precisions = {precision} | ({self.fallback_precision} if precision == "int8" else set())
+        for each in precisions:
+            plan_config(settings, each, max_batch)
+        plan_config(settings, "fp32", max_batch, on_gpu=True)
         here = api.version()
-        if options.dla_core is not None and not options.export_only and here and (problem := dla_problem(here)):
+        if options.dla_core is not None and not export_only and here and (problem := dla_problem(here)):
             raise BuildError(problem)
 
-    def target_onnx(self, candidate) -> Path:
+    def target_onnx(self, candidate: Any) -> Path:
         return candidate.tensorrt_file
 
-    def _jobs(self, job: CompileJob, settings: dict, on_target: bool) -> dict[str, PlanJob]:
+    def _jobs(self, job: CompileJob[TensorRTOptions], settings: dict, on_target: bool) -> dict[str, PlanJob]:
         timing_cache = TIMING_CACHE_ON_TARGET if on_target and settings["timing_cache"] else settings["timing_cache"]
-        max_batch, shapes = job.options.max_batch, job.input_shapes
+        max_batch, shapes = job.max_batch, job.input_shapes
         jobs = {"fusion": PlanJob(f"{FOLDER}/fusion.onnx", "fusion.plan",
                                   {PARTIAL_LOGITS: (job.num_modalities, job.num_classes),
                                    PRESENT: (job.num_modalities,)},
@@ -89,7 +93,7 @@ class TensorRTBackend(Backend):
                                  plan_config(settings, candidate.precision, max_batch, timing_cache=timing_cache))
         return jobs
 
-    def compile(self, job: CompileJob) -> CompiledFiles:
+    def compile(self, job: CompileJob[TensorRTOptions]) -> CompiledFiles:
         (job.staging / FOLDER).mkdir()
         settings = self.settings(job.options)
         onnx = {"fusion": Path(shutil.copyfile(job.fusion_onnx, job.staging / FOLDER / "fusion.onnx"))}
@@ -103,7 +107,7 @@ class TensorRTBackend(Backend):
         compiled = CompiledFiles(engines=dict.fromkeys(onnx), onnx=onnx, calibration=calibration, scripts=scripts,
                                  settings=settings)
         plan_jobs = self._jobs(job, settings, on_target=False)
-        if job.options.export_only:
+        if job.export_only:
             compiled.made_on_target = [j.plan for j in plan_jobs.values()]
             compiled.made_on_target += [TIMING_CACHE_ON_TARGET] if settings["timing_cache"] else []
             compiled.device = {"kind": "gpu", "built": False, "exported_on": cpu_device_info(),
@@ -125,7 +129,7 @@ class TensorRTBackend(Backend):
             written[path.name] = path
         return written
 
-    def target_build_scripts(self, manifest, targets: dict[str, tuple[str, str]]) -> dict[str, str]:
+    def target_build_scripts(self, manifest: Manifest, targets: dict[str, tuple[str, str]]) -> dict[str, str]:
         """Scripts that build each ``targets[key] = (onnx, plan)`` (``key``: a modality or "fusion") on the target,
         one per TensorRT major, with the directory's settings."""
         settings, max_batch = manifest.backend_settings, manifest.max_batch
@@ -142,7 +146,7 @@ class TensorRTBackend(Backend):
         return {script_name(major): script(jobs, major, "Then start tritonserver on this repository.")
                 for major in MAJOR_RELEASES}
 
-    def adopt_engines(self, directory: Path, manifest) -> tuple[dict[str, Path], dict]:
+    def adopt_engines(self, directory: Path, manifest: Manifest) -> tuple[dict[str, Path], dict]:
         plans = {m.name: directory / f"{m.name}.plan" for m in manifest.modalities} | {"fusion": directory / "fusion.plan"}
         device = {**api.device_info(), **{k: manifest.device.get(k) for k in ("dla_core", "hardware_compatible",
                                                                                "version_compatible")}}
@@ -152,7 +156,7 @@ class TensorRTBackend(Backend):
         pipeline.close()
         return plans, device
 
-    def check_compatible(self, manifest, options: OpenOptions = OpenOptions()) -> None:
+    def check_compatible(self, manifest: Manifest, options: OpenOptions = OpenOptions()) -> None:
         api.require()
         check_plan_compatible(manifest.device, api.device_info(options.device_id))
 
@@ -162,12 +166,12 @@ class TensorRTBackend(Backend):
                               version_compatible=bool(device.get("version_compatible")),
                               dla_core=device.get("dla_core"))
 
-    def open(self, directory: Path, manifest, options: OpenOptions) -> DevicePipeline:
+    def open(self, directory: Path, manifest: Manifest, options: OpenOptions) -> DevicePipeline:
         plans = {m.name: directory / m.engine.path for m in manifest.modalities}
         return self._open_plans(plans | {"fusion": directory / manifest.fusion.engine.path}, manifest, options,
                                 manifest.device)
 
-    def _open_plans(self, plans: dict[str, Path], manifest, options: OpenOptions, device: dict) -> DevicePipeline:
+    def _open_plans(self, plans: dict[str, Path], manifest: Manifest, options: OpenOptions, device: dict) -> DevicePipeline:
         opened = []
         try:
             engines = {}
@@ -183,14 +187,14 @@ class TensorRTBackend(Backend):
                 engine.close()
             raise
 
-    def triton_model(self, manifest, modality: str | None) -> TritonModel:
+    def triton_model(self, manifest: Manifest, modality: str | None) -> TritonModel:
         dla_core = manifest.device.get("dla_core")
         secondary = ({"kind": "KIND_NVDLA", "device_id": dla_core},) if modality and dla_core is not None else ()
         return TritonModel(platform="tensorrt_plan", file_name="model.plan", instance_kind="KIND_GPU",
                            secondary_devices=secondary)
 
 
-def _check_input(engine: TensorRTEngine, modality) -> None:
+def _check_input(engine: TensorRTEngine, modality: ModalityRecord) -> None:
     shape, dtype = tuple(engine.max_shapes.get(modality.name, ())[1:]), engine.dtypes.get(modality.name)
     if shape != tuple(modality.shape) or str(dtype) != modality.dtype:
         raise EngineMismatch(f"{engine.path.name} takes {modality.name!r} as {dtype} {list(shape)}, but the manifest "
