@@ -1,10 +1,8 @@
-"""Answering one batch of requests with one ``Pipeline.infer``: shared by every serving runtime.
+"""Answering one batch of requests with one ``Pipeline.infer``: shared by the pipeline entry and PyTriton.
 
-A request maps the modalities it carries to arrays (its rows). Optionally it also carries ``present``, a bool
-``[rows, M]`` mask over the fusion's modality order: then it carries every modality, and rows of a modality marked
-absent may hold anything (zeros); such requests all have the same inputs, so Triton's dynamic batcher puts requests of
-any presence pattern into one batch. Either way the valid requests are stacked with per-row presence masks, an absent
-row is never computed, and a request that cannot be answered gets a ``Rejected`` of its own.
+Each request is checked by ``contract.check_request`` (with ``present``, requests of every presence pattern have the
+same inputs, so Triton's dynamic batcher puts them into one batch). The valid requests are stacked with per-row
+presence masks, an absent row is never computed, and a request that cannot be answered gets a ``Rejected`` of its own.
 """
 
 from __future__ import annotations
@@ -14,12 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ume_edge.constants import LABEL, LOGITS, PRESENT, PROBS
-from ume_edge.data import pattern_key
 from ume_edge.errors import InputError
+from ume_edge.serving import contract
+from ume_edge.serving.contract import FAILED, LABEL, LOGITS, PROBS, Request
 
 LOGGER = logging.getLogger(__name__)
-FAILED = "failed"  # the reason of a request the engines failed on (not one the input checks refused)
 
 
 @dataclass
@@ -28,69 +25,28 @@ class Rejected:
     the engines failed on it rather than its input being refused)."""
 
     message: str
-    reason: str = "invalid"
+    reason: str  # one of contract.REASONS
 
 
-@dataclass
-class Request:
-    """A checked request: its arrays (absent modalities left out) and its rows' presence."""
-
-    arrays: dict[str, np.ndarray]
-    mask: np.ndarray  # bool [rows, M], modalities in pipeline order
-
-    @property
-    def rows(self) -> int:
-        return len(self.mask)
-
-    def patterns(self, names: list[str]) -> list[str]:
-        """The presence pattern key of each row (``audio+image``, ...)."""
-        return [pattern_key(name for name, on in zip(names, row) if on) for row in self.mask]
-
-
-def check_request(request: dict, names: list[str]) -> Request | Rejected:
-    unknown = sorted(set(request) - set(names) - {PRESENT})
-    if unknown:
-        return Rejected(f"unknown input {unknown[0]!r}; the inputs are {', '.join(names)} (and {PRESENT})",
-                        "unknown_input")
-    arrays = {name: request[name] for name in names if name in request}
-    if not arrays:
-        return Rejected(f"no modality present; send at least one of {', '.join(names)}", "no_modality")
-    rows = {name: len(array) for name, array in arrays.items()}
-    if len(set(rows.values())) != 1:
-        return Rejected(f"inputs disagree on the number of rows {rows}; send the same rows for each", "shape")
-    count = next(iter(rows.values()))
-    if PRESENT not in request:
-        return Request(arrays, np.tile(np.array([name in arrays for name in names]), (count, 1)))
-    return _masked_request(np.asarray(request[PRESENT]), arrays, names, count)
-
-
-def _masked_request(mask: np.ndarray, arrays: dict, names: list[str], count: int) -> Request | Rejected:
-    if len(arrays) != len(names):
-        missing = [name for name in names if name not in arrays]
-        return Rejected(f"with {PRESENT!r}, send every modality (zeros where absent); missing {', '.join(missing)}",
-                        "mask")
-    if mask.shape != (count, len(names)):
-        return Rejected(f"{PRESENT!r} must be [{count}, {len(names)}] (rows x modalities {', '.join(names)}), got "
-                        f"{list(mask.shape)}", "mask")
-    mask = mask.astype(bool)
-    empty = np.flatnonzero(~mask.any(axis=1))
-    if len(empty):
-        return Rejected(f"rows {empty[:8].tolist()} have no modality present in {PRESENT!r}", "no_modality")
-    arrays = {name: arrays[name] for i, name in enumerate(names) if mask[:, i].any()}
-    return Request(arrays, mask)
+def check_request(request: dict, pipeline) -> Request | Rejected:
+    """``contract.check_request`` against ``pipeline``'s modalities, a refusal as a ``Rejected``."""
+    try:
+        return contract.check_request(request, pipeline.modalities, pipeline.max_batch)
+    except contract.Refused as refused:
+        return Rejected(str(refused), refused.reason)
 
 
 def answer_requests(pipeline, requests: list[dict[str, np.ndarray]]) -> list[dict | Rejected]:
     """Outputs (or the reason for refusing) for each request of one batch, with one ``Pipeline.infer`` call.
     If the stack fails (a value problem such as NaN, or the engines failing on some rows), each request is answered
     alone so the error lands on the request that caused it."""
-    return answer_checked(pipeline, [check_request(r, pipeline.modality_names) for r in requests])
+    return answer_checked(pipeline, [check_request(r, pipeline) for r in requests])
 
 
 def answer_checked(pipeline, checked: list[Request | Rejected]) -> list[dict | Rejected]:
     answers: list = list(checked)
     valid = [i for i, item in enumerate(checked) if isinstance(item, Request)]
-    for index, answer in zip(valid, _answer_valid(pipeline, [checked[i] for i in valid])):
+    for index, answer in zip(valid, _answer_valid(pipeline, [checked[i] for i in valid]), strict=True):
         answers[index] = answer
     return answers
 
@@ -118,7 +74,7 @@ def _answer_alone(infer) -> dict | Rejected:
 def _rejection(error: Exception) -> Rejected:
     if isinstance(error, InputError):
         return Rejected(str(error), error.reason)
-    return Rejected(f"inference failed: {error}", FAILED)
+    return Rejected(str(contract.failed(error)), FAILED)
 
 
 def _infer_stacked(pipeline, batch: list[Request]) -> list[dict]:
@@ -134,7 +90,7 @@ def _infer_stacked(pipeline, batch: list[Request]) -> list[dict]:
     result = pipeline.infer(inputs, present=present)
     labels = result.labels.astype(np.int64).reshape(-1, 1)
     return [{LOGITS: result.logits[a:b], PROBS: result.probs[a:b], LABEL: labels[a:b]}
-            for a, b in zip(bounds[:-1], bounds[1:])]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _stack(name: str, batch: list[Request], bounds: np.ndarray) -> np.ndarray:
@@ -161,4 +117,4 @@ def answer_encoder_requests(engine, name: str, output_name: str, arrays: list[np
             LOGGER.warning("a batch of %d %r requests failed; answering each alone", len(arrays), name, exc_info=True)
         return [_answer_alone(lambda a=array: {output_name: engine.infer({name: a})[output_name]}) for array in arrays]
     bounds = np.cumsum([0] + [len(array) for array in arrays])
-    return [{output_name: output[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
+    return [{output_name: output[a:b]} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -22,6 +22,7 @@ PRESENT = "present"
 LOGITS = "logits"
 PROBS = "probs"
 LABEL = "label"
+ENTRY_MODEL = "ume"
 CONTRACT_FILE = "ume_contract.py"  # its name beside a model.py
 
 # Why a request was refused: the ``reason`` label of ``ume_rejected_total``.
@@ -227,6 +228,11 @@ def check_fusion_presence(present: np.ndarray) -> None:
         raise Refused(f"input {PRESENT!r}: rows {_rows(not_binary)} hold values other than 0 and 1; mark each "
                       "modality 1 (present) or 0 (absent)", MASK)
     _no_empty_rows(present == 1)
+
+
+def failed(error: Exception) -> Refused:
+    """The refusal of a request the engines failed on."""
+    return Refused(f"inference failed: {error}", FAILED)
 
 
 def error_response(pb_utils, model_name: str, message: str, reason: str):

@@ -2,9 +2,11 @@
 
 The repository holds one model per modality encoder (``ume_<modality>``), the ``fusion`` model, and the entry model
 ``ume``: a Python-backend BLS model whose per-modality inputs are ``optional: true``. It calls only the encoders
-whose inputs are present, builds the ``[B, M, C]`` partial logits and the ``[B, M]`` presence mask, calls ``fusion``
-and returns ``logits``, ``probs`` and ``label``. (An ensemble cannot skip a step for an absent input, and Triton's
-TensorRT backend rejects optional inputs, hence BLS.)
+whose rows are present, builds the ``[B, M, C]`` partial logits and the ``[B, M]`` presence mask, calls ``fusion``
+and returns ``logits``, ``probs`` and ``label``. Like the pipeline entry it takes the optional ``present`` mask and
+counts requests by presence pattern on Triton's metrics endpoint; both check requests with ``contract.py``, copied
+beside each Python-backend ``model.py`` as ``ume_contract.py`` so the repository needs no ume-edge. (An
+ensemble cannot skip a step for an absent input, and Triton's TensorRT backend rejects optional inputs, hence BLS.)
 
 Encoders and fusion are served as the engine directory's backend says (``onnxruntime_onnx`` with ``1/model.onnx``,
 ``tensorrt_plan`` with ``1/model.plan``: the fusion plan too, so partial logits and fusion share one platform and no
@@ -14,9 +16,9 @@ its ONNX as ``source.onnx`` beside its config, and ``build_plans_trt<major>.sh``
 run the ONNX files with ONNX Runtime instead, for a Triton with only the python backend (the nvidia-pytriton wheel's).
 
 ``entry="pipeline"`` writes an entry model that runs the whole ``ume_edge.runtime.Pipeline`` inside Triton's Python
-stub, on a copy of the engine directory (no fusion model, no BLS hops; the Triton host's Python needs ume-edge). It
-also takes an optional ``present`` mask (bool ``[M]`` per row) with every modality, so that requests of any presence
-pattern share batches, and counts requests by presence pattern on Triton's metrics endpoint.
+stub, on a copy of the engine directory (no fusion model, no BLS hops; the Triton host's Python needs ume-edge). Both
+entries take the optional ``present`` mask (bool ``[M]`` per row) with every modality, so that requests of any
+presence pattern share batches.
 
 Only model folders (and scripts) this module wrote are ever replaced (a model's ``config.pbtxt`` starts with
 ``WRITTEN_BY``); anything else in the way is refused before anything is written, and other entries stay untouched.
@@ -34,9 +36,19 @@ import tempfile
 from pathlib import Path
 
 from ume_edge import backends, engine_dir
-from ume_edge.constants import (DEFAULT_MAX_QUEUE_DELAY_US, ENTRY_MODEL, FUSION_MODEL, LABEL, LOGITS, PARTIAL_LOGITS, PRESENT, PROBS,
-                                encoder_model_name)
+from ume_edge.constants import (
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    ENTRY_MODEL,
+    FUSION_MODEL,
+    LABEL,
+    LOGITS,
+    PARTIAL_LOGITS,
+    PRESENT,
+    PROBS,
+    encoder_model_name,
+)
 from ume_edge.errors import UmeEdgeError
+from ume_edge.serving import contract
 
 LOGGER = logging.getLogger(__name__)
 
@@ -132,6 +144,13 @@ def template_dir() -> Path:
     return Path(__file__).resolve().parent / "templates"
 
 
+def python_model_files(template: str, version: str = "1") -> dict[str, Path]:
+    """The files of a Python-backend model version: ``template`` as its ``model.py`` and the request contract beside
+    it (Triton's stub puts the version folder on ``sys.path``, so ``import ume_contract`` finds it)."""
+    return {f"{version}/model.py": template_dir() / template,
+            f"{version}/{contract.CONTRACT_FILE}": Path(contract.__file__)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # model folders
 
@@ -160,8 +179,7 @@ class _Writer:
         """(platform/backend fields, files to copy, secondary devices) of an encoder (``key``) or the fusion."""
         if self.python_models:
             return ({"backend": "python", "parameters": _parameters({"intra_op_threads": str(self.threads or 0)})},
-                    {"1/model.onnx": self.engines / record_engine.path, "1/model.py": template_dir() / ONNX_TEMPLATE},
-                    ())
+                    {"1/model.onnx": self.engines / record_engine.path, **python_model_files(ONNX_TEMPLATE)}, ())
         model = self.backend.triton_model(self.manifest, None if key == FUSION_MODEL else key)
         fields = {"platform": model.platform}
         if record_engine is not None:
@@ -198,9 +216,9 @@ class _Writer:
         }
         return _write_model(folder, FUSION_MODEL, config, files)
 
-    def _entry_config(self, parameters: dict[str, str], takes_mask: bool = False) -> dict:
+    def _entry_config(self, parameters: dict[str, str]) -> dict:
         classes, order = self.manifest.model.num_classes, self.manifest.fusion.modality_order
-        mask = [_tensor(PRESENT, "bool", [len(order)], optional=True)] if takes_mask else []
+        mask = [_tensor(PRESENT, "bool", [len(order)], optional=True)]
         return {
             "backend": "python",
             **_scheduling(self.manifest.max_batch, self.instances, "KIND_CPU", self.max_queue_delay_us),
@@ -226,12 +244,12 @@ class _Writer:
             "value_ranges": json.dumps({m.name: m.value_range for m in self.manifest.modalities
                                         if m.value_range is not None}),
         })
-        return _write_model(folder, ENTRY_MODEL, config, {"1/model.py": template_dir() / ENTRY_TEMPLATE})
+        return _write_model(folder, ENTRY_MODEL, config, python_model_files(ENTRY_TEMPLATE))
 
     def pipeline_entry(self, folder: Path) -> Path:
         """``ume`` running the whole Pipeline in Triton's Python stub, on a copy of the engine directory."""
-        config = self._entry_config({"threads": str(self.threads or 0)}, takes_mask=True)
-        model_dir = _write_model(folder, ENTRY_MODEL, config, {"1/model.py": template_dir() / PIPELINE_TEMPLATE})
+        config = self._entry_config({"threads": str(self.threads or 0)})
+        model_dir = _write_model(folder, ENTRY_MODEL, config, python_model_files(PIPELINE_TEMPLATE))
         shutil.copytree(self.engines, model_dir / "1" / "engines",
                         ignore=shutil.ignore_patterns(engine_dir.STAGING_MARKER))
         return model_dir
@@ -267,8 +285,8 @@ def _check_request(manifest: engine_dir.Manifest, python_models: bool, entry: st
     if (python_models or entry == "pipeline") and not all(r is not None and r.path.endswith(".onnx")
                                                          for r in records):
         raise RepositoryError("Python-backend models and the pipeline entry run ONNX engine files with ONNX Runtime; "
-                              f"this is a {manifest.backend} directory{' (export only)' if manifest.export_only else ''}"
-                              ". Write the default layout instead")
+                              f"this is a {manifest.backend} directory"
+                              f"{' (export only)' if manifest.export_only else ''}. Write the default layout instead")
 
 
 def write_repository(engines: str | Path, out: str | Path, *, encoder_backend: str = "auto", entry: str = "bls",

@@ -1,12 +1,13 @@
 """Run ``model.onnx`` with ONNX Runtime inside Triton's Python backend (for Tritons without the onnxruntime backend).
 
 ``python -m ume_edge.triton_repo --encoder-backend python`` copies this file next to each encoder's (and the
-fusion's) ``model.onnx``. Inputs and outputs are the ones in ``config.pbtxt``. The requests of one batch are
-stacked into a single ``session.run`` and the outputs split back per request; if that run fails, each request runs
-alone, so only the one that caused the failure gets an error.
+fusion's) ``model.onnx``, with the request contract beside it (``ume_contract.py``). Inputs and outputs are the ones
+in ``config.pbtxt``. The requests of one batch are stacked into a single ``session.run`` and the outputs split back
+per request; if that run fails, each request runs alone, so only the one that caused the failure gets an error.
 
-A request is refused on its own when a float input holds NaN or Inf, an integer input holds an id outside its valid
-range (never below 0), or, for the fusion, a ``present`` row holds anything but 0 and 1 or no 1 at all.
+A request is refused on its own, with the contract's text, when a float input holds NaN or Inf, an integer input
+holds an id outside its valid range (never below 0), or, for the fusion, a ``present`` row holds anything but 0 and 1
+or no 1 at all.
 
 Parameters (``config.pbtxt``, all optional): ``intra_op_threads`` (default 0 = ONNX Runtime's choice, else 1 to the
 machine's cores), ``allow_spinning`` ("0" or "1", default "0": many small sessions share the cores, so idle threads
@@ -19,12 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-PRESENT = "present"
-
-
-def _error(message):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+import ume_contract as contract
 
 
 def _threads(text):
@@ -52,7 +48,11 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_names = [tensor["name"] for tensor in config["output"]]
-        self.value_ranges = json.loads(parameters.get("value_ranges", "{}"))
+        value_ranges = json.loads(parameters.get("value_ranges", "{}"))
+        self.specs = {tensor["name"]: contract.ModalitySpec(
+            tensor["name"], tuple(tensor["dims"]), np.dtype(pb_utils.triton_string_to_numpy(tensor["data_type"])),
+            None if tensor["name"] not in value_ranges else tuple(value_ranges[tensor["name"]]))
+            for tensor in config["input"]}
 
     def execute(self, requests):
         feeds_per_request = [
@@ -71,55 +71,29 @@ class TritonPythonModel:
                 responses[index] = self._run_alone(feeds_per_request[index])
             return responses
         bounds = np.cumsum([0] + [len(feeds_per_request[i][self.input_names[0]]) for i in valid])
-        for index, start, end in zip(valid, bounds[:-1], bounds[1:]):
-            responses[index] = pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, output[start:end]) for name, output in zip(self.output_names, outputs)])
+        for index, start, end in zip(valid, bounds[:-1], bounds[1:], strict=True):
+            tensors = [pb_utils.Tensor(name, output[start:end])
+                       for name, output in zip(self.output_names, outputs, strict=True)]
+            responses[index] = pb_utils.InferenceResponse(tensors)
         return responses
 
     def _run_alone(self, feeds):
         try:
             outputs = self.session.run(self.output_names, feeds)
         except Exception as error:
-            return _error(f"{self.model_name}: ONNX Runtime failed: {error}")
+            refused = contract.failed(error)
+            return contract.error_response(pb_utils, self.model_name, str(refused), refused.reason)
         return pb_utils.InferenceResponse([pb_utils.Tensor(name, output)
-                                           for name, output in zip(self.output_names, outputs)])
+                                           for name, output in zip(self.output_names, outputs, strict=True)])
 
     def _refusal(self, feeds):
         """An error response naming what is wrong with one request's inputs, else None."""
-        for name, array in feeds.items():
-            problem = self._problem(name, array)
-            if problem:
-                return _error(f"{self.model_name}: {problem}")
+        try:
+            for name, array in feeds.items():
+                if name == contract.PRESENT:
+                    contract.check_fusion_presence(array)
+                else:
+                    contract.check_values(self.specs[name], array)
+        except contract.Refused as refused:
+            return contract.error_response(pb_utils, self.model_name, str(refused), refused.reason)
         return None
-
-    def _problem(self, name, array):
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            return (f"input {name!r} holds NaN or infinite values; send finite values, or leave {name!r} out if that "
-                    "sensor has no reading")
-        if np.issubdtype(array.dtype, np.integer):
-            return self._id_problem(name, array)
-        if name == PRESENT:
-            return _presence_problem(array)
-        return None
-
-    def _id_problem(self, name, array):
-        low, high = self.value_ranges.get(name, (0, None))
-        outside = (array < low) if high is None else (array < low) | (array >= high)
-        if not outside.any():
-            return None
-        rows = np.flatnonzero(outside.reshape(len(array), -1).any(axis=1))
-        valid = f"[{low}, {high})" if high is not None else f"{low} or more"
-        return (f"input {name!r}: value {array[outside][0]} (rows {rows[:8].tolist()}) is outside the valid ids "
-                f"{valid}; send ids the model was trained with")
-
-
-def _presence_problem(present):
-    """The fusion's presence mask must say, per row, which modalities are present: 0 or 1 each, at least one 1."""
-    not_binary = np.flatnonzero(((present != 0) & (present != 1)).any(axis=1))
-    if len(not_binary):
-        return (f"input {PRESENT!r}: rows {not_binary[:8].tolist()} hold values other than 0 and 1; mark each "
-                "modality 1 (present) or 0 (absent)")
-    empty = np.flatnonzero(~(present == 1).any(axis=1))
-    if len(empty):
-        return f"input {PRESENT!r}: rows {empty[:8].tolist()} have no modality present; mark at least one 1 per row"
-    return None

@@ -1,31 +1,26 @@
-"""ume-edge entry model for Triton's Python backend (BLS): run only the encoders whose inputs are present, then fuse.
+"""ume-edge entry model for Triton's Python backend (BLS): run only the encoders whose rows are present, then fuse.
 
-``python -m ume_edge.triton_repo`` copies this file to ``<repository>/ume/1/model.py`` and writes the config:
-one ``optional: true`` input per modality, outputs ``logits``/``probs`` (float32 [C]) and ``label`` (int64 [1]),
-and parameters naming the modality order, the encoder models and the fusion model, and (optional) ``value_ranges``:
-JSON, modality -> ``[low, high)`` of its valid integer ids (ids below 0 are refused without it).
+``python -m ume_edge.triton_repo`` copies this file to ``<repository>/ume/1/model.py``, the request contract beside it
+(``ume_contract.py``; numpy only, so ume-edge need not be installed) and writes the config: one ``optional: true``
+input per modality and the optional ``present`` mask (bool ``[M]`` per row, with every modality), outputs
+``logits``/``probs`` (float32 [C]) and ``label`` (int64 [1]), and parameters naming the modality order, the encoder
+models and the fusion model, and (optional) ``value_ranges``: JSON, modality -> ``[low, high)`` of its valid integer
+ids, and ``encoder_fixed_batch``: JSON, modality -> the one batch its engine runs (a DLA plan).
 
-One ``execute`` call receives the requests the dynamic batcher grouped. Bad requests get their own error
-response (NaN or Inf, ids outside the valid range, wrong sizes); the rest are stacked: each modality's present rows go to its encoder in one call (concurrently, with
+One ``execute`` call receives the requests the dynamic batcher grouped. A request the contract refuses gets its own
+error response; the rest are stacked: each modality's present rows go to its encoder in one call (concurrently, with
 ``async_exec``), an absent modality's encoder is never called, and the fusion runs once on the ``[B, M, C]`` partial
 logits and the ``[B, M]`` presence mask. If that fails, each request runs alone, so only its culprit gets the error.
+The counters by presence pattern are those of the pipeline entry (``ume_contract.EntryMetrics``).
 """
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-
-class BadRequest(ValueError):
-    """The client sent something this model cannot answer; the message says what and how to fix it."""
-
-
-def _error(message, invalid_argument=False):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_argument else None
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+import ume_contract as contract
 
 
 def _cpu_outputs():
@@ -39,6 +34,17 @@ def _response(outputs):
     return pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in outputs.items()])
 
 
+def _specs(config, names, value_ranges):
+    specs = []
+    for name in names:
+        tensor = pb_utils.get_input_config_by_name(config, name)
+        value_range = value_ranges.get(name)
+        specs.append(contract.ModalitySpec(name, tuple(int(d) for d in tensor["dims"]),
+                                           np.dtype(pb_utils.triton_string_to_numpy(tensor["data_type"])),
+                                           None if value_range is None else tuple(value_range)))
+    return specs
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -49,103 +55,68 @@ class TritonPythonModel:
         self.fixed_batch = json.loads(parameters.get("encoder_fixed_batch", "{}"))
         self.fusion_model = parameters["fusion_model"]
         self.max_batch = int(config["max_batch_size"])
-        self.num_classes = int(pb_utils.get_output_config_by_name(config, "logits")["dims"][0])
-        self.dtypes = {name: pb_utils.triton_string_to_numpy(pb_utils.get_input_config_by_name(
-            config, name)["data_type"]) for name in self.modalities}
+        self.num_classes = int(pb_utils.get_output_config_by_name(config, contract.LOGITS)["dims"][0])
+        self.specs = _specs(config, self.modalities, json.loads(parameters.get("value_ranges", "{}")))
         self.memory = _cpu_outputs()
-        self.value_ranges = json.loads(parameters.get("value_ranges", "{}"))
+        self.metrics = contract.EntryMetrics(pb_utils)
 
     async def execute(self, requests):
-        parsed = [self._parse_or_error(request) for request in requests]
-        good = [index for index, item in enumerate(parsed) if isinstance(item, dict)]
-        responses = [item if not isinstance(item, dict) else None for item in parsed]
-        if not good:
-            return responses
+        started = time.perf_counter()
+        checked = [self._check(request) for request in requests]
+        good = [index for index, item in enumerate(checked) if isinstance(item, contract.Request)]
+        answers = list(checked)
+        if good:
+            self.metrics.batch(sum(checked[index].rows for index in good))
+            try:
+                results = await self._infer([checked[index] for index in good])
+            except Exception:  # an encoder or the fusion failed on some rows: find whose, request by request
+                results = [await self._answer_alone(checked[index]) for index in good]
+            for index, result in zip(good, results, strict=True):
+                answers[index] = result
+        elapsed_us = (time.perf_counter() - started) * 1e6
+        return [self._respond(item, answer, elapsed_us) for item, answer in zip(checked, answers, strict=True)]
+
+    def _check(self, request):
+        arrays = {}
+        for name in [*self.modalities, contract.PRESENT]:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                arrays[name] = tensor.as_numpy()
         try:
-            results = await self._infer([parsed[index] for index in good])
-        except Exception:  # an encoder or the fusion failed on some rows: find whose, request by request
-            for index in good:
-                responses[index] = await self._answer_alone(parsed[index])
-            return responses
-        for index, result in zip(good, results):
-            responses[index] = _response(result)
-        return responses
+            return contract.check_request(arrays, self.specs, self.max_batch)
+        except contract.Refused as refused:
+            return refused
+
+    def _respond(self, item, answer, elapsed_us):
+        if isinstance(answer, contract.Refused):
+            self.metrics.rejected(answer.reason)
+            return contract.error_response(pb_utils, contract.ENTRY_MODEL, str(answer), answer.reason)
+        self.metrics.answered(item.patterns(self.modalities), elapsed_us)
+        return _response(answer)
 
     async def _answer_alone(self, request):
         try:
-            return _response((await self._infer([request]))[0])
+            return (await self._infer([request]))[0]
         except Exception as error:
-            return _error(f"ume: inference failed: {error}")
-
-    # -- validation ----------------------------------------------------------------------------------------
-
-    def _parse_or_error(self, request):
-        try:
-            return self._parse(request)
-        except BadRequest as error:
-            return _error(f"ume: {error}", invalid_argument=True)
-
-    def _parse(self, request):
-        """{modality: array} for the present modalities of one request, or BadRequest naming the problem."""
-        present = {}
-        for name in self.modalities:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                present[name] = self._check(name, tensor.as_numpy())
-        if not present:
-            raise BadRequest(f"no modality present; send at least one of the inputs {', '.join(self.modalities)}")
-        sizes = {name: array.shape[0] for name, array in present.items()}
-        if len(set(sizes.values())) > 1:
-            raise BadRequest(f"inputs disagree on the batch size ({sizes}); send the same number of rows for each")
-        return present
-
-    def _check(self, name, array):
-        if array.ndim == 0 or array.shape[0] == 0:
-            raise BadRequest(f"input {name!r} has no rows (shape {list(array.shape)}); leave it out instead")
-        if array.shape[0] > self.max_batch:
-            raise BadRequest(f"input {name!r} has {array.shape[0]} rows, above the maximum batch {self.max_batch}; "
-                             "split the request")
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            bad_rows = np.flatnonzero(~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1))
-            raise BadRequest(f"input {name!r} holds NaN or infinite values (rows {bad_rows[:8].tolist()}); "
-                             f"send finite values, or leave {name!r} out if that sensor has no reading")
-        if np.issubdtype(array.dtype, np.integer):
-            self._check_ids(name, array)
-        return array
-
-    def _check_ids(self, name, array):
-        low, high = self.value_ranges.get(name, (0, None))
-        outside = (array < low) if high is None else (array < low) | (array >= high)
-        if outside.any():
-            rows = np.flatnonzero(outside.reshape(array.shape[0], -1).any(axis=1))
-            valid = f"[{low}, {high})" if high is not None else f"{low} or more"
-            raise BadRequest(f"input {name!r}: value {array[outside][0]} (rows {rows[:8].tolist()}) is outside the "
-                             f"valid ids {valid}; send ids the model was trained with")
-
-    # -- inference -----------------------------------------------------------------------------------------
+            return contract.failed(error)
 
     async def _infer(self, batch):
-        sizes = [next(iter(request.values())).shape[0] for request in batch]
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        total = int(offsets[-1])
-        partial = np.zeros((total, len(self.modalities), self.num_classes), np.float32)
-        present = np.zeros((total, len(self.modalities)), np.float32)
-        rows_by_modality = {}
-        for index, name in enumerate(self.modalities):
-            members = [i for i, request in enumerate(batch) if name in request]
-            if members:  # an absent modality's encoder is never called
-                rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members])
-                rows_by_modality[name] = (index, rows, np.concatenate([batch[i][name] for i in members]))
-        outputs = await asyncio.gather(*(self._encode(name, stacked) for name, (_, _, stacked)
-                                         in rows_by_modality.items()))
-        for (index, rows, _), partial_logits in zip(rows_by_modality.values(), outputs):
-            partial[rows, index] = partial_logits
-            present[rows, index] = 1.0
-        fused = await self._call(self.fusion_model, {"partial_logits": partial, "present": present},
-                                 ["logits", "probs"])
-        labels = np.argmax(fused["logits"], axis=1).astype(np.int64)[:, None]
-        return [{"logits": fused["logits"][a:b], "probs": fused["probs"][a:b], "label": labels[a:b]}
-                for a, b in zip(offsets[:-1], offsets[1:])]
+        offsets = np.concatenate([[0], np.cumsum([request.rows for request in batch])])
+        present = np.concatenate([request.mask for request in batch])
+        partial = np.zeros((len(present), len(self.modalities), self.num_classes), np.float32)
+        stacked = {name: np.concatenate([request.arrays[name][request.mask[:, index]] for request in batch
+                                         if name in request.arrays])
+                   for index, name in enumerate(self.modalities) if present[:, index].any()}
+        outputs = await asyncio.gather(*(self._encode(name, rows) for name, rows in stacked.items()))
+        for name, partial_logits in zip(stacked, outputs, strict=True):
+            index = self.modalities.index(name)
+            partial[present[:, index], index] = partial_logits  # an absent modality's encoder is never called
+        fused = await self._call(self.fusion_model, {"partial_logits": partial, contract.PRESENT: present.astype(
+            np.float32)}, [contract.LOGITS, contract.PROBS])
+        logits, probs = fused[contract.LOGITS], fused[contract.PROBS]
+        labels = np.argmax(logits, axis=1).astype(np.int64)[:, None]
+        return [{contract.LOGITS: logits[a:b], contract.PROBS: probs[a:b], contract.LABEL: labels[a:b]}
+                for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
     async def _encode(self, name, stacked):
         """The encoder's partial logits for ``stacked``; an encoder that runs one fixed batch only (a DLA plan) gets
@@ -167,3 +138,6 @@ class TritonPythonModel:
         if response.has_error():
             raise RuntimeError(f"model {model_name!r} answered: {response.error().message()}")
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy().copy() for name in output_names}
+
+    def finalize(self):
+        self.metrics.close()

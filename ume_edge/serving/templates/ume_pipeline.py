@@ -1,11 +1,11 @@
 """ume-edge entry model for Triton's Python backend that runs the whole pipeline inside Triton's Python stub.
 
-``python -m ume_edge.triton_repo --entry pipeline`` copies this file to ``<repository>/ume/1/model.py`` and the
-engine directory to ``<repository>/ume/1/engines/``; Triton's Python environment needs ``ume-edge`` installed.
-The requests of one batch are answered by a single ``Pipeline.infer``, stacked with per-row presence masks (an
-absent modality is never computed); a bad request gets its own error response naming the problem. Requests that
-carry the optional ``present`` mask (and every modality) share batches whatever their presence pattern. Counters by
-presence pattern go to Triton's metrics endpoint (``ume_edge.serving.metrics``).
+``python -m ume_edge.triton_repo --entry pipeline`` copies this file to ``<repository>/ume/1/model.py``, the request
+contract beside it (``ume_contract.py``) and the engine directory to ``<repository>/ume/1/engines/``; Triton's Python
+environment needs ``ume-edge`` installed. The requests of one batch are answered by a single ``Pipeline.infer``,
+stacked with per-row presence masks (an absent modality is never computed); a bad request gets its own error response
+naming the problem. Requests that carry the optional ``present`` mask (and every modality) share batches whatever
+their presence pattern. Counters by presence pattern go to Triton's metrics endpoint (``ume_contract.EntryMetrics``).
 """
 
 import json
@@ -14,17 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+import ume_contract as contract
 
-from ume_edge.constants import PRESENT
 from ume_edge.runtime import Pipeline
-from ume_edge.serving.batching import FAILED, Rejected, Request, answer_checked, check_request
-from ume_edge.serving.metrics import EntryMetrics
-
-
-def _error(message, invalid_argument=True):
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_argument else None
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+from ume_edge.serving.batching import Rejected, answer_checked, check_request
 
 
 class TritonPythonModel:
@@ -34,25 +27,25 @@ class TritonPythonModel:
         engines = Path(args["model_repository"]) / args["model_version"] / "engines"
         self.pipeline = Pipeline.load(engines, threads=int(parameters.get("threads", "0")) or None)
         self.names = self.pipeline.modality_names
-        self.metrics = EntryMetrics(pb_utils)
+        self.metrics = contract.EntryMetrics(pb_utils)
 
     def _arrays(self, request):
-        tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in [*self.names, PRESENT]}
+        tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in [*self.names, contract.PRESENT]}
         return {name: tensor.as_numpy() for name, tensor in tensors.items() if tensor is not None}
 
     def execute(self, requests):
         started = time.perf_counter()
-        checked = [check_request(self._arrays(request), self.names) for request in requests]
-        rows = sum(item.rows for item in checked if isinstance(item, Request))
+        checked = [check_request(self._arrays(request), self.pipeline) for request in requests]
+        rows = sum(item.rows for item in checked if not isinstance(item, Rejected))
         answers = answer_checked(self.pipeline, checked)
         elapsed_us = (time.perf_counter() - started) * 1e6
         if rows:
             self.metrics.batch(rows)
         responses = []
-        for item, answer in zip(checked, answers):
+        for item, answer in zip(checked, answers, strict=True):
             if isinstance(answer, Rejected):
                 self.metrics.rejected(answer.reason)
-                responses.append(_error(f"ume: {answer.message}", invalid_argument=answer.reason != FAILED))
+                responses.append(contract.error_response(pb_utils, contract.ENTRY_MODEL, answer.message, answer.reason))
                 continue
             self.metrics.answered(item.patterns(self.names), elapsed_us)
             responses.append(pb_utils.InferenceResponse(
