@@ -45,9 +45,9 @@ def _assert_common_config(configs, manifest, instances=1):
         assert [group.count for group in config.instance_group] == [instances], name
     entry = configs["ume"]
     assert entry.backend == "python"
-    assert [tensor.name for tensor in entry.input] == names
+    assert [tensor.name for tensor in entry.input] == [*names, "present"]  # the BLS entry takes the mask too
     assert all(tensor.optional for tensor in entry.input)
-    assert [list(tensor.dims) for tensor in entry.input] == [m.shape for m in manifest.modalities]
+    assert [list(tensor.dims) for tensor in entry.input] == [m.shape for m in manifest.modalities] + [[len(names)]]
     assert {tensor.name for tensor in entry.output} == {"logits", "probs", "label"}
     parameters = {key: value.string_value for key, value in entry.parameters.items()}
     assert json.loads(parameters["encoder_models"]) == {name: f"ume_{name}" for name in names}
