@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ume_edge import engine_dir
-from ume_edge.engine_dir import publishing
 from ume_edge.build import BuildOptions, build, cli
 from ume_edge.build.cli import main
+from ume_edge.engine_dir import publishing
 from ume_edge.model import ConvEncoder, Modality, UMEModel, UntrustedEncoder
 
 ENCODER_MODULE = '''

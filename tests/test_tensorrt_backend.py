@@ -11,11 +11,11 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from api_conformance import load_tensorrt  # tests/api_conformance.py; pytest puts tests/ on sys.path
 from fake_trtexec import ORIN, timing_cache_bytes
+from onnx import TensorProto, helper, numpy_helper
 from trt_fakes import FakeCuda, install, needs_tensorrt_and_gpu
+
 from ume_edge import backends
 from ume_edge.backends.tensorrt import api
 from ume_edge.backends.tensorrt.compat import check_plan_compatible, dla_problem

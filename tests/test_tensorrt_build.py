@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
 from fake_trtexec import H100, ORIN, install_trtexec, path_with, trtexec_calls
+from onnx import numpy_helper
 from trt_fakes import batches_run, install
+
 from ume_edge import engine_dir, triton_repo
 from ume_edge.backends.base import HostExecutor
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine

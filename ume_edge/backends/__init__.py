@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import import_module
-
 from typing import Any
 
 from ume_edge.backends.base import Backend, BackendOptions

@@ -131,6 +131,9 @@ class CompileJob(Generic[OptionsT]):
     options: OptionsT
 
 
+DEFAULT_OPEN_OPTIONS = OpenOptions()
+
+
 @dataclass
 class CompiledFiles:
     """Where each engine landed in the staging folder, and what the engines were built for."""
@@ -184,7 +187,7 @@ class Backend(abc.ABC, Generic[OptionsT]):
     def compile(self, job: CompileJob[OptionsT]) -> CompiledFiles: ...
 
     @abc.abstractmethod
-    def check_compatible(self, manifest: Manifest, options: OpenOptions = OpenOptions()) -> None:
+    def check_compatible(self, manifest: Manifest, options: OpenOptions = DEFAULT_OPEN_OPTIONS) -> None:
         """Raise ``EngineMismatch`` or ``BackendUnavailable`` unless ``manifest``'s engines run here."""
 
     @abc.abstractmethod
@@ -224,7 +227,7 @@ class HostExecutor:
     def infer(self, inputs: dict[str, np.ndarray], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = len(mask)
         partial = np.zeros((batch, len(self.modality_order), self.num_classes), np.float32)
-        for i, (name, any_row, every_row) in enumerate(zip(self.modality_order, mask.any(0), mask.all(0))):
+        for i, (name, any_row, every_row) in enumerate(zip(self.modality_order, mask.any(0), mask.all(0), strict=True)):
             if not any_row:
                 continue
             rows = slice(None) if every_row else mask[:, i]
@@ -239,7 +242,8 @@ class HostExecutor:
             return engine.infer(feeds)
         except Exception as error:  # the runtime's own exception types; the caller needs ours and which engine
             rows = len(next(iter(feeds.values())))
-            raise UmeEdgeError(f"{what}: its engine failed on {rows} row(s): {type(error).__name__}: {error}") from error
+            raise UmeEdgeError(f"{what}: its engine failed on {rows} row(s): "
+                               f"{type(error).__name__}: {error}") from error
 
     def close(self) -> None:
         for engine in [*self.engines.values(), self.fusion]:

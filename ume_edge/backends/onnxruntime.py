@@ -10,8 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ume_edge.backends.base import (Backend, BackendOptions, CompiledFiles, CompileJob, HostExecutor, OpenOptions,
-                                   TritonModel, check_threads)
+from ume_edge.backends.base import (
+    DEFAULT_OPEN_OPTIONS,
+    Backend,
+    BackendOptions,
+    CompiledFiles,
+    CompileJob,
+    HostExecutor,
+    OpenOptions,
+    TritonModel,
+    check_threads,
+)
 from ume_edge.engine_dir import Manifest
 from ume_edge.errors import BackendUnavailable, EngineMismatch
 
@@ -78,7 +87,7 @@ class OnnxRuntimeEngine:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = len(next(iter(feeds.values())))
         session = self.small_batch_session if batch <= SMALL_BATCH else self.session
-        return dict(zip(self.output_names, session.run(self.output_names, feeds)))
+        return dict(zip(self.output_names, session.run(self.output_names, feeds), strict=True))
 
     def close(self) -> None:
         """Sessions free their memory when dropped; nothing else is held."""
@@ -115,7 +124,7 @@ class OnnxRuntimeBackend(Backend[OnnxRuntimeOptions]):
             engines[name] = shutil.copyfile(candidate.file, job.staging / f"{name}.onnx")
         return CompiledFiles(engines={k: Path(v) for k, v in engines.items()}, device=self.device())
 
-    def check_compatible(self, manifest: Manifest, options: OpenOptions = OpenOptions()) -> None:
+    def check_compatible(self, manifest: Manifest, options: OpenOptions = DEFAULT_OPEN_OPTIONS) -> None:
         built, here = manifest.versions.get("onnxruntime"), get_version()
         if here is None:
             raise BackendUnavailable(self.unavailable_reason())

@@ -10,13 +10,19 @@ from pathlib import Path
 from ume_edge import backends, engine_dir
 from ume_edge.backends.base import BackendOptions
 from ume_edge.build.inputs import DEFAULT_CALIB
-from ume_edge.build.quantize import CALIB_METHODS
 from ume_edge.build.options import BuildOptions
+from ume_edge.build.quantize import CALIB_METHODS
 from ume_edge.build.stages import build
 from ume_edge.build.summary import format_summary
 from ume_edge.cli_common import DefaultsFormatter, show_progress
-from ume_edge.constants import (DEFAULT_CALIB_METHOD, DEFAULT_MAX_BATCH, DEFAULT_MAX_DROP, DEFAULT_PRECISION,
-                                PRECISIONS, PROJECT_ROOT)
+from ume_edge.constants import (
+    DEFAULT_CALIB_METHOD,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_DROP,
+    DEFAULT_PRECISION,
+    PRECISIONS,
+    PROJECT_ROOT,
+)
 from ume_edge.errors import UmeEdgeError
 
 
@@ -53,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                                                  "for the shipped model, engines/<model>-<hash>-<precision>-<backend> "
                                                  "for others); only an engine directory ume-edge wrote is replaced")
     parser.add_argument("--export-only", action="store_true",
-                        help="with --backend tensorrt: write the TensorRT-ready ONNX, scripts and manifest; build no plan")
+                        help="with --backend tensorrt: write the TensorRT-ready ONNX, scripts and manifest; "
+                             "build no plan")
     parser.add_argument("--adopt", type=Path, metavar="DIR",
                         help="make an export-only DIR whose scripts built the plans here into an engine directory "
                              "(default: build instead)")

@@ -5,9 +5,10 @@ in float (the per-layer fallback), and fall back as a whole only when that is no
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -15,8 +16,13 @@ from ume_edge.backends.base import Backend
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
 from ume_edge.build.options import BuildOptions
 from ume_edge.build.progress import note
-from ume_edge.build.quantize import (CALIB_METHODS, MIN_TENSORRT_GEMM_DIM, QuantizedFiles, Quantizer,
-                                     tensorrt_quantizes_any)
+from ume_edge.build.quantize import (
+    CALIB_METHODS,
+    MIN_TENSORRT_GEMM_DIM,
+    QuantizedFiles,
+    Quantizer,
+    tensorrt_quantizes_any,
+)
 from ume_edge.constants import PARTIAL_LOGITS
 from ume_edge.data import pattern_key, presence_patterns
 from ume_edge.errors import BuildError
@@ -107,7 +113,8 @@ class Evaluator:
 
 
 def _candidate(name: str, files: QuantizedFiles, backend: Backend[Any]) -> Candidate:
-    """An INT8 candidate; a TensorRT-target file that breaks TensorRT's rules fails only a backend that enforces them."""
+    """An INT8 candidate; a TensorRT-target file that breaks TensorRT's rules fails only a backend that enforces
+    them."""
     from ume_edge.build.qdq_rules import check_tensorrt_qdq, violations_error
 
     problems = check_tensorrt_qdq(files.tensorrt_s8s8)
@@ -141,7 +148,8 @@ def fallback(name: str, fp32: Path, backend: Backend[Any], work: Path) -> Candid
     return Candidate("fp32", fp32, fp32)
 
 
-def _score(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator: Evaluator, backend: Backend[Any]) -> Candidate:
+def _score(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator: Evaluator,
+           backend: Backend[Any]) -> Candidate:
     """Score one modality's candidate with every other modality at fp32, on the patterns that hold it. The file scored
     is the one the backend's engine is made from (for TensorRT, its S8S8 Q/DQ ONNX, run by ONNX Runtime: the same
     quantisation, before any plan exists; the build's verification stage scores the built plans themselves)."""
@@ -152,8 +160,8 @@ def _score(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator
     return candidate
 
 
-def choose(name: str, fp32: Path, calib: np.ndarray, options: BuildOptions, backend: Backend[Any], work: Path, evaluator: Evaluator,
-           baseline: dict[str, Path], quantizer: Quantizer) -> tuple[Candidate, list[dict]]:
+def choose(name: str, fp32: Path, calib: np.ndarray, options: BuildOptions, backend: Backend[Any], work: Path,
+           evaluator: Evaluator, baseline: dict[str, Path], quantizer: Quantizer) -> tuple[Candidate, list[dict]]:
     """INT8 with the requested calibration method, then the others (a method that passes keeps every layer in INT8:
     the fastest engine); then the best of them with the fewest layers in float; the fallback if none keeps within
     --max-drop."""
@@ -250,8 +258,8 @@ class LayerSearch:
     in the CPU file a weighted node quantizes its output and the next one its input, and either alone clips an
     outlier channel."""
 
-    def __init__(self, name: str, best: Candidate, fp32: Path, max_drop: float, backend: Backend[Any], evaluator: Evaluator,
-                 baseline: dict[str, Path], quantizer: Quantizer):
+    def __init__(self, name: str, best: Candidate, fp32: Path, max_drop: float, backend: Backend[Any],
+                 evaluator: Evaluator, baseline: dict[str, Path], quantizer: Quantizer):
         self.name, self.best, self.fp32, self.max_drop = name, best, fp32, max_drop
         self.backend, self.evaluator, self.baseline, self.quantizer = backend, evaluator, baseline, quantizer
         self.groups = layer_groups(best.quantized.prepared, backend.target_onnx(best))

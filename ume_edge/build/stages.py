@@ -118,9 +118,9 @@ def _run_stages(model, options: BuildOptions, backend: Backend[Any], backend_opt
     params = FusionParams.from_model(model)
     fusion_onnx = work / "fusion.onnx"
     onnx.save(fusion_graph(params), str(fusion_onnx))
-    compiled = backend.compile(CompileJob(staging, chosen, fusion_onnx, {m.name: m.input_shape for m in model.modalities},
-                                          len(model.modalities), model.num_classes, options.max_batch,
-                                          options.export_only, backend_options))
+    shapes = {m.name: m.input_shape for m in model.modalities}
+    compiled = backend.compile(CompileJob(staging, chosen, fusion_onnx, shapes, len(model.modalities),
+                                          model.num_classes, options.max_batch, options.export_only, backend_options))
     stage(5, STAGES, "verifying every presence pattern against fp32 PyTorch")
     accuracy, run_by = _verify(evaluator, backend, compiled, model.modality_names, options)
     return _manifest(model, options, backend, chosen, tried, exported, compiled, staging, sha256, {
@@ -139,7 +139,8 @@ def _record(staging: Path, path: Path | None) -> engine_dir.FileRecord | None:
     return None if path is None else engine_dir.record_file(staging, path)
 
 
-def _manifest(model, options: BuildOptions, backend: Backend[Any], chosen, tried, exported, compiled: CompiledFiles, staging: Path, sha256: str,
+def _manifest(model, options: BuildOptions, backend: Backend[Any], chosen, tried, exported, compiled: CompiledFiles,
+              staging: Path, sha256: str,
               accuracy: dict, calibration: dict) -> engine_dir.Manifest:
     modalities = [engine_dir.ModalityRecord(
         name=m.name, shape=list(m.input_shape), dtype=m.dtype, precision=chosen[m.name].precision,

@@ -11,7 +11,8 @@ from ume_edge.build import inputs
 def format_summary(manifest: engine_dir.Manifest, out: Path, seconds: float | None = None) -> str:
     took = f" in {seconds:.1f} s" if seconds is not None else ""
     lines = [f"\nBuilt {out}{took} ({manifest.backend}, requested {manifest.precision}, max batch "
-             f"{manifest.max_batch})", "", "| modality | precision | calibration | file | size |", "|---|---|---|---|---|"]
+             f"{manifest.max_batch})", "", "| modality | precision | calibration | file | size |",
+             "|---|---|---|---|---|"]
     for m in manifest.modalities:
         record = m.engine or m.onnx
         size = (out / record.path).stat().st_size / 1024

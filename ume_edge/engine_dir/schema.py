@@ -42,7 +42,8 @@ class ModelRecord:
     """The trained model the engines came from."""
 
     name: str = _doc("model name (a checkpoint's, or the factory's `UMEModel(name=...)`)")
-    source: str = _doc("where the build read it: `reference` (the shipped model), a checkpoint path or `file.py:factory`")
+    source: str = _doc("where the build read it: `reference` (the shipped model), a checkpoint path or "
+                       "`file.py:factory`")
     sha256: str = _doc("SHA-256 over the model's parameters, in state_dict order")
     fusion: str = _doc("`ume` or `mma`")
     num_classes: int = _doc("C, the number of classes")

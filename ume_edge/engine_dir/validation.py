@@ -100,7 +100,7 @@ def _onnx_signature(path: Path, where: str) -> tuple[dict, dict]:
 
 def _expect(path: Path, where: str, found: dict, expected: dict) -> None:
     def same(dims, want):
-        return len(dims) == len(want) and all(w is None or d in (None, w) for d, w in zip(dims, want))
+        return len(dims) == len(want) and all(w is None or d in (None, w) for d, w in zip(dims, want, strict=True))
 
     if set(found) != set(expected) or not all(found[n][0] == expected[n][0] and same(found[n][1], expected[n][1])
                                               for n in expected):

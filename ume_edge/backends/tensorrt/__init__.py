@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ume_edge.backends.base import Backend, CompiledFiles, CompileJob, OpenOptions, TritonModel
+from ume_edge.backends.base import DEFAULT_OPEN_OPTIONS, Backend, CompiledFiles, CompileJob, OpenOptions, TritonModel
 from ume_edge.backends.onnxruntime import device_info as cpu_device_info
 from ume_edge.backends.tensorrt import api
 from ume_edge.backends.tensorrt.compat import check_plan_compatible, dla_problem
@@ -147,7 +147,8 @@ class TensorRTBackend(Backend[TensorRTOptions]):
                 for major in MAJOR_RELEASES}
 
     def adopt_engines(self, directory: Path, manifest: Manifest) -> tuple[dict[str, Path], dict]:
-        plans = {m.name: directory / f"{m.name}.plan" for m in manifest.modalities} | {"fusion": directory / "fusion.plan"}
+        plans = {m.name: directory / f"{m.name}.plan" for m in manifest.modalities}
+        plans["fusion"] = directory / "fusion.plan"
         device = {**api.device_info(), **{k: manifest.device.get(k) for k in ("dla_core", "hardware_compatible",
                                                                                "version_compatible")}}
         if device["dla_core"] is not None and (problem := dla_problem(device["tensorrt"])):
@@ -156,7 +157,7 @@ class TensorRTBackend(Backend[TensorRTOptions]):
         pipeline.close()
         return plans, device
 
-    def check_compatible(self, manifest: Manifest, options: OpenOptions = OpenOptions()) -> None:
+    def check_compatible(self, manifest: Manifest, options: OpenOptions = DEFAULT_OPEN_OPTIONS) -> None:
         api.require()
         check_plan_compatible(manifest.device, api.device_info(options.device_id))
 
@@ -171,7 +172,8 @@ class TensorRTBackend(Backend[TensorRTOptions]):
         return self._open_plans(plans | {"fusion": directory / manifest.fusion.engine.path}, manifest, options,
                                 manifest.device)
 
-    def _open_plans(self, plans: dict[str, Path], manifest: Manifest, options: OpenOptions, device: dict) -> DevicePipeline:
+    def _open_plans(self, plans: dict[str, Path], manifest: Manifest, options: OpenOptions,
+                    device: dict) -> DevicePipeline:
         opened = []
         try:
             engines = {}
