@@ -28,7 +28,7 @@ LOAD_CLIENTS, LOAD_REQUESTS, LOAD_DROP = 16, 400, 0.35
 
 def _serve(engines, runtime="python-backend"):
     from ume_edge.serve import ServeProcess
-    from ume_edge.serving.process import Endpoints, free_ports
+    from ume_edge.serving.server_config import Endpoints, free_ports
 
     return ServeProcess(engines, Endpoints("127.0.0.1", *free_ports(3)), runtime=runtime).start(timeout_s=300)
 
@@ -43,7 +43,8 @@ def server(request, engine_dirs):
 @pytest.fixture(scope="module")
 def empty_server(tmp_path_factory):
     """Triton's own floor: the bundled tritonserver serving one Python-backend model that returns its input."""
-    from ume_edge.serving.process import Endpoints, TritonServer, free_ports
+    from ume_edge.serving.server_config import Endpoints, free_ports
+    from ume_edge.serving.process import TritonServer
 
     model = tmp_path_factory.mktemp("empty") / "empty"
     (model / "1").mkdir(parents=True)

@@ -14,7 +14,7 @@ import pytest
 from ume_edge.client import grpc_inputs
 from ume_edge.runtime import Pipeline
 from ume_edge.serve import ServeProcess
-from ume_edge.serving.process import Endpoints, free_ports
+from ume_edge.serving.server_config import Endpoints, free_ports
 from ume_edge.serving.watchdog import descendants
 
 grpcclient = pytest.importorskip("tritonclient.grpc")

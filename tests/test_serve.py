@@ -23,10 +23,10 @@ from ume_edge.errors import InputError
 from ume_edge.runtime import Pipeline
 from ume_edge.serve import RUNTIMES, ServeProcess
 from ume_edge.serving import metrics
-from ume_edge.serving.metrics import EntryMetrics
 from ume_edge.serving.batching import Rejected, answer_requests
-from ume_edge.serving.process import Endpoints, free_ports
-from ume_edge.serving.pytriton import unanswered
+from ume_edge.serving.metrics import EntryMetrics
+from ume_edge.serving.pytriton import all_answers_or_refusal
+from ume_edge.serving.server_config import Endpoints, free_ports
 
 pytestmark = pytest.mark.slow  # builds, servers or subprocess runs
 
@@ -223,10 +223,10 @@ def test_mixed_patterns_are_answered_by_one_pipeline_call(pipeline, samples, mon
 
 def test_pytriton_fails_a_batch_naming_each_refused_request():
     with pytest.raises(InputError, match="request 2 of 3: input 'image' holds NaN; request 3 of 3: no modality"):
-        unanswered([{"logits": np.zeros((1, 10))}, Rejected("input 'image' holds NaN", "nan"),
-                    Rejected("no modality", "no_modality")])
+        all_answers_or_refusal([{"logits": np.zeros((1, 10))}, Rejected("input 'image' holds NaN", "nan"),
+                                Rejected("no modality", "no_modality")])
     answers = [{"logits": np.zeros((1, 10))}]
-    assert unanswered(answers) is answers
+    assert all_answers_or_refusal(answers) is answers
 
 
 def _bad_requests(samples, max_batch):

@@ -16,7 +16,8 @@ import pytest
 from ume_edge.client import grpc_inputs
 from ume_edge.runtime import Pipeline
 from ume_edge.serve import RUNTIMES, ServeProcess, listening_addresses
-from ume_edge.serving.process import TEMP_PREFIX, Endpoints, free_ports
+from ume_edge.serving.process import TEMP_PREFIX
+from ume_edge.serving.server_config import Endpoints, free_ports
 from ume_edge.serving.watchdog import descendants, start_time
 
 grpcclient = pytest.importorskip("tritonclient.grpc")

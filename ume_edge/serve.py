@@ -26,11 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ume_edge.cli_common import DefaultsFormatter, show_progress
-from ume_edge.constants import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_MAX_QUEUE_DELAY_US,
-                                DEFAULT_METRICS_PORT)
+from ume_edge.constants import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HOST,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    DEFAULT_METRICS_PORT,
+)
 from ume_edge.errors import UmeEdgeError
 from ume_edge.runtime import Pipeline
-from ume_edge.serving.process import Endpoints, GrpcTls, ServerProcess, remove_stale_temp
+from ume_edge.serving.process import ServerProcess, remove_stale_temp
+from ume_edge.serving.server_config import Endpoints, GrpcTls, ServerConfig
 from ume_edge.serving.watchdog import Watchdog
 
 RUNTIMES = ("python-backend", "pytriton")
@@ -39,11 +45,11 @@ READY_LINE = "  stop with Ctrl-C (SIGINT) or SIGTERM"  # the banner's last line:
 
 @dataclass
 class ServeOptions:
+    """What to serve, and how: ``server`` is the one configuration both runtimes give tritonserver."""
+
     engines: Path | None = None
     repository: Path | None = None
-    endpoints: Endpoints = field(default_factory=Endpoints)
-    tls: GrpcTls | None = None
-    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
+    server: ServerConfig = field(default_factory=ServerConfig)
     threads: int | None = None
     runtime: str = RUNTIMES[0]
     tensorstore: bool = False
@@ -77,14 +83,14 @@ def _address(hexed: str, width: int) -> str:
 
 
 def banner(options: ServeOptions, models: list[str], log: Path | None) -> str:
-    e = options.endpoints
+    e = options.server.endpoints
     bound = listening_addresses(list(e.ports().values()))
     lines = [f"ume-edge serving {options.repository or options.engines} ({options.runtime})"]
     for kind, port in e.ports().items():
         addresses = bound[port] or [e.host]
         where = ", ".join(f"{address}:{port}" for address in addresses)
         scheme = {"HTTP": "http://", "metrics": "http://"}.get(kind, "")
-        suffix = "/metrics" if kind == "metrics" else (" (TLS)" if kind == "gRPC" and options.tls else "")
+        suffix = "/metrics" if kind == "metrics" else (" (TLS)" if kind == "gRPC" and options.server.tls else "")
         wildcard = " (every interface)" if set(addresses) & {"0.0.0.0", "[::]"} else ""
         lines.append(f"  {kind:<8} {scheme}{where}{suffix}{wildcard}")
     if e.grpc_only:
@@ -95,11 +101,11 @@ def banner(options: ServeOptions, models: list[str], log: Path | None) -> str:
 
 def serve(options: ServeOptions, stop: threading.Event | None = None) -> int:
     """Run until ``stop`` is set (SIGINT/SIGTERM in ``main``) or the server dies; 0 on a clean stop."""
-    from ume_edge.serving import pytriton, python_backend
+    from ume_edge.serving import python_backend, pytriton
 
     stop = stop or threading.Event()
     remove_stale_temp()
-    options.endpoints.check_free()
+    options.server.endpoints.check_free()
     warning = network_warning(options)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -128,7 +134,7 @@ class ServeProcess(ServerProcess):
 
     name = "ume-edge-serve"
 
-    def __init__(self, engines: str | os.PathLike | None, endpoints: Endpoints = Endpoints(), *,
+    def __init__(self, engines: str | os.PathLike | None, endpoints: Endpoints | None = None, *,
                  runtime: str = RUNTIMES[0], max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None, keep_log: bool = False):
         super().__init__(endpoints, keep_log=keep_log)
@@ -233,16 +239,17 @@ def check_log_file(path: Path) -> None:
 
 def network_warning(options: ServeOptions) -> str | None:
     """A warning when the server is reachable from other machines without TLS."""
-    if options.tls is not None or _is_loopback(options.endpoints.host):
+    host = options.server.endpoints.host
+    if options.server.tls is not None or _is_loopback(host):
         return None
-    return (f"warning: listening on {options.endpoints.host} without TLS: anyone who can reach this machine can send "
+    return (f"warning: listening on {host} without TLS: anyone who can reach this machine can send "
             "requests. Add --grpc-server-cert FILE --grpc-server-key FILE (and --grpc-root-cert FILE to accept only "
             "clients with a certificate), or keep the default --host 127.0.0.1")
 
 
 def _is_loopback(host: str) -> bool:
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
     except (socket.gaierror, UnicodeError):
         return True  # not an address at all: check_free refuses it in one line
     return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
@@ -252,10 +259,9 @@ def _options(args: argparse.Namespace) -> ServeOptions:
     tls = _tls(args)
     if args.log_file is not None:
         check_log_file(args.log_file)
-    options = ServeOptions(repository=args.repository, runtime=args.runtime, tls=tls,
-                           endpoints=Endpoints(args.host, args.grpc_port, args.http_port, args.metrics_port,
-                                               grpc_only=tls is not None),
-                           max_queue_delay_us=args.max_queue_delay_us, threads=args.threads,
+    server = ServerConfig(Endpoints(args.host, args.grpc_port, args.http_port, args.metrics_port), tls=tls,
+                          max_queue_delay_us=args.max_queue_delay_us, log_verbose=1 if args.verbose else 0)
+    options = ServeOptions(repository=args.repository, server=server, runtime=args.runtime, threads=args.threads,
                            tensorstore=args.tensorstore, log_file=args.log_file, verbose=args.verbose)
     if args.repository is not None:
         if args.runtime != "python-backend":

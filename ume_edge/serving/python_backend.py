@@ -9,13 +9,15 @@ batching); TensorRT models need a Triton with the TensorRT backend, on the GPU m
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 import threading
 from pathlib import Path
 
 from ume_edge.serving.process import TritonServer, make_temp_folder
-from ume_edge.serving.repository import ONNX_TEMPLATE, RepositoryError, template_dir, write_repository
+from ume_edge.serving.repository import ONNX_TEMPLATE, RepositoryError, python_model_files, write_repository
+
+LOGGER = logging.getLogger(__name__)
 
 # What a Triton config names (its platform, or its backend), as the kind of model file it serves.
 TRITON_MODEL_FILES = {"onnxruntime_onnx": "onnx", "onnxruntime": "onnx", "tensorrt_plan": "plan", "tensorrt": "plan"}
@@ -66,7 +68,8 @@ def _as_python_model(model_dir: Path, config) -> None:
     for version in [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]:
         if not (version / "model.onnx").is_file():
             raise RepositoryError(f"{version} has no model.onnx to serve")
-        shutil.copyfile(template_dir() / ONNX_TEMPLATE, version / "model.py")
+        for target, source in python_model_files(ONNX_TEMPLATE, version.name).items():
+            shutil.copyfile(source, model_dir / target)
     _write_config(model_dir / "config.pbtxt", config)
 
 
@@ -79,19 +82,17 @@ def serve(options, stop: threading.Event, watchdog, announce) -> int:
             models = servable_copy(options.repository, folder / "repository")
         else:
             written = write_repository(options.engines, folder / "repository", encoder_backend="python",
-                                       entry="pipeline", max_queue_delay_us=options.max_queue_delay_us,
+                                       entry="pipeline", max_queue_delay_us=options.server.max_queue_delay_us,
                                        threads=options.threads)
             models = [path.name for path in written]
-        server = TritonServer(folder / "repository", options.endpoints, tls=options.tls, echo=options.verbose,
-                              log_verbose=1 if options.verbose else 0,
+        server = TritonServer(folder / "repository", options.server, echo=options.verbose,
                               log_path=options.log_file or folder / "tritonserver.log", keep_log=True)
         with server:
-            watchdog.watch_tree(server.process.pid)
+            watchdog.watch_tree(server.child.pid)
             announce(models, server.log_path)
             while not stop.wait(0.5):
-                if server.process.poll() is not None:
-                    print(f"error: tritonserver exited ({server.process.returncode}):\n{server.log_tail()}",
-                          file=sys.stderr)
+                if server.child.poll() is not None:
+                    LOGGER.error("error: tritonserver exited (%s):\n%s", server.child.returncode, server.log_tail())
                     return 1
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -8,27 +8,30 @@ metrics are not served here (they need the Python backend's metrics API inside T
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 import threading
+from typing import cast
 
 import numpy as np
 
 from ume_edge.constants import ENTRY_MODEL, LABEL, LOGITS, PARTIAL_LOGITS, PRESENT, PROBS, encoder_model_name
 from ume_edge.errors import InputError
 from ume_edge.serving.batching import Rejected, answer_encoder_requests, answer_requests
-from ume_edge.serving.process import NO_GRPC_REQUEST_POOL, apply_pytriton_libpython_fix, make_temp_folder
+from ume_edge.serving.process import apply_pytriton_libpython_fix, make_temp_folder
 from ume_edge.serving.watchdog import descendants
 
+LOGGER = logging.getLogger(__name__)
 
-def unanswered(answers: list[dict | Rejected]) -> list[dict]:
+
+def all_answers_or_refusal(answers: list[dict | Rejected]) -> list[dict]:
     """The outputs of a batch in which every request was answered, or ``InputError`` naming each refused one."""
     refused = [f"request {i + 1} of {len(answers)}: {a.message}" for i, a in enumerate(answers)
                if isinstance(a, Rejected)]
     if refused:
         raise InputError("this batch could not be answered; " + "; ".join(refused))
-    return answers
+    return cast(list[dict], answers)
 
 
 class EntryModel:
@@ -38,7 +41,7 @@ class EntryModel:
         self.pipeline = pipeline
 
     def __call__(self, requests) -> list[dict]:
-        return unanswered(answer_requests(self.pipeline, [dict(request.data) for request in requests]))
+        return all_answers_or_refusal(answer_requests(self.pipeline, [dict(request.data) for request in requests]))
 
 
 class EncoderModel:
@@ -49,7 +52,7 @@ class EncoderModel:
 
     def __call__(self, requests) -> list[dict]:
         arrays = [request.data[self.name] for request in requests]
-        return unanswered(answer_encoder_requests(self.engine, self.name, PARTIAL_LOGITS, arrays))
+        return all_answers_or_refusal(answer_encoder_requests(self.engine, self.name, PARTIAL_LOGITS, arrays))
 
 
 def bind_models(triton, pipeline, max_queue_delay_us: int) -> list[str]:
@@ -79,18 +82,6 @@ def bind_models(triton, pipeline, max_queue_delay_us: int) -> list[str]:
     return [ENTRY_MODEL] + [encoder_model_name(spec.name) for spec in pipeline.modalities]
 
 
-def _triton_config(options, server_id: str, log_file):
-    """No TLS here: ``serve`` refuses it with this runtime, since PyTriton drives its tritonserver over HTTP."""
-    from pytriton.triton import TritonConfig
-
-    e = options.endpoints
-    return TritonConfig(
-        id=server_id, grpc_address=e.host, http_address=e.host, metrics_address=e.host, grpc_port=e.grpc_port,
-        http_port=e.http_port, metrics_port=e.metrics_port, log_verbose=1 if options.verbose else 0,
-        log_file=None if options.verbose else log_file, allow_gpu_metrics=False,
-        grpc_infer_allocation_pool_size=NO_GRPC_REQUEST_POOL)
-
-
 def serve(options, stop: threading.Event, watchdog, announce) -> int:
     """Serve ``options.engines`` until ``stop`` is set; 0 on a clean stop."""
     apply_pytriton_libpython_fix()  # before pytriton starts tritonserver: its Python stub must load our libpython
@@ -106,9 +97,9 @@ def serve(options, stop: threading.Event, watchdog, announce) -> int:
     folder = make_temp_folder("pytriton")
     watchdog.watch_path(folder)
     workspace, log_file = folder / "workspace", options.log_file or folder / "tritonserver.log"
-    server_id = f"ume-edge-{os.getpid()}"
-    with Triton(config=_triton_config(options, server_id, log_file), workspace=workspace) as triton:
-        models = bind_models(triton, pipeline, options.max_queue_delay_us)
+    arguments = options.server.pytriton_arguments(log_file=None if options.verbose else log_file)
+    with Triton(**arguments, workspace=workspace) as triton:
+        models = bind_models(triton, pipeline, options.server.max_queue_delay_us)
         triton.run()
         for child in descendants(os.getpid()):
             if child != watchdog.process.pid:
@@ -116,7 +107,7 @@ def serve(options, stop: threading.Event, watchdog, announce) -> int:
         announce(models, log_file)
         while not stop.wait(0.5):
             if not triton.is_alive():
-                print(f"error: tritonserver stopped unexpectedly; see {log_file}", file=sys.stderr)
+                LOGGER.error("error: tritonserver stopped unexpectedly; see %s", log_file)
                 return 1
     pipeline.close()
     shutil.rmtree(folder, ignore_errors=True)

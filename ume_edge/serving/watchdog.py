@@ -77,7 +77,7 @@ class Watchdog:
 
 
 def _stop(processes: dict[int, str]) -> None:
-    alive = {pid: started for pid, started in processes.items() if start_time(pid) == started}
+    alive: dict[int, str | None] = {pid: started for pid, started in processes.items() if start_time(pid) == started}
     for pid in list(alive):
         alive.update({child: start_time(child) for child in descendants(pid)})
     for signum in (signal.SIGTERM, signal.SIGKILL):
