@@ -44,7 +44,7 @@ def server(request, engine_dirs):
 def empty_server(tmp_path_factory):
     """Triton's own floor: the bundled tritonserver serving one Python-backend model that returns its input."""
     from ume_edge.serving.server_config import Endpoints, free_ports
-    from ume_edge.serving.process import TritonServer
+    from ume_edge.serving.tritonserver import TritonServer
 
     model = tmp_path_factory.mktemp("empty") / "empty"
     (model / "1").mkdir(parents=True)

@@ -16,7 +16,7 @@ import pytest
 from ume_edge.client import grpc_inputs
 from ume_edge.runtime import Pipeline
 from ume_edge.serve import RUNTIMES, ServeProcess, listening_addresses
-from ume_edge.serving.process import TEMP_PREFIX
+from ume_edge.serving.tritonserver import TEMP_PREFIX
 from ume_edge.serving.server_config import Endpoints, free_ports
 from ume_edge.serving.watchdog import descendants, start_time
 
@@ -133,7 +133,7 @@ def test_grpc_over_tls_on_every_interface(int8_engines, certificate, avdigits_te
 
 def _stale_folder() -> Path:
     """A temporary folder made by a serving process that has since died (made by the real code, in a child)."""
-    code = "from ume_edge.serving.process import make_temp_folder; print(make_temp_folder('models'))"
+    code = "from ume_edge.serving.tritonserver import make_temp_folder; print(make_temp_folder('models'))"
     return Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
 
 

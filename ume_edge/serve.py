@@ -35,8 +35,8 @@ from ume_edge.constants import (
 )
 from ume_edge.errors import UmeEdgeError
 from ume_edge.runtime import Pipeline
-from ume_edge.serving.process import ServerProcess, remove_stale_temp
 from ume_edge.serving.server_config import Endpoints, GrpcTls, ServerConfig
+from ume_edge.serving.tritonserver import ServerProcess, remove_stale_temp
 from ume_edge.serving.watchdog import Watchdog
 
 RUNTIMES = ("python-backend", "pytriton")

@@ -14,8 +14,8 @@ import shutil
 import threading
 from pathlib import Path
 
-from ume_edge.serving.process import TritonServer, make_temp_folder
 from ume_edge.serving.repository import ONNX_TEMPLATE, RepositoryError, python_model_files, write_repository
+from ume_edge.serving.tritonserver import TritonServer, make_temp_folder
 
 LOGGER = logging.getLogger(__name__)
 

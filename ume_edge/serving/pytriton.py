@@ -19,7 +19,7 @@ import numpy as np
 from ume_edge.constants import ENTRY_MODEL, LABEL, LOGITS, PARTIAL_LOGITS, PRESENT, PROBS, encoder_model_name
 from ume_edge.errors import InputError
 from ume_edge.serving.batching import Rejected, answer_encoder_requests, answer_requests
-from ume_edge.serving.process import apply_pytriton_libpython_fix, make_temp_folder
+from ume_edge.serving.tritonserver import apply_pytriton_libpython_fix, make_temp_folder
 from ume_edge.serving.watchdog import descendants
 
 LOGGER = logging.getLogger(__name__)
