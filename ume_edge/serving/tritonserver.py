@@ -37,7 +37,6 @@ from ume_edge.serving.server_config import (
     Endpoints,
     ServerConfig,
     TritonServerError,
-    free_ports,  # noqa: F401  (imported from here until the rename)
 )
 from ume_edge.serving.watchdog import start_time
 
