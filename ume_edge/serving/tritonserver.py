@@ -33,11 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from ume_edge.errors import BackendUnavailable
-from ume_edge.serving.server_config import (
-    Endpoints,
-    ServerConfig,
-    TritonServerError,
-)
+from ume_edge.serving.server_config import Endpoints, ServerConfig, TritonServerError
 from ume_edge.serving.watchdog import start_time
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ume-edge" / "triton-backends"
