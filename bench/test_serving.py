@@ -139,10 +139,10 @@ def test_batch1_grpc_overhead(benchmark, target_run, server, client, empty_serve
 
 @pytest.mark.target
 def test_concurrency_scaling(benchmark, target_run, server):
-    from ume_edge.client import run_client
+    from ume_edge.client import ClientOptions, run_client
 
     def throughput(concurrency):
-        return run_client(server.grpc_url, requests=600, concurrency=concurrency)["throughput_rps"]
+        return run_client(ClientOptions(server.grpc_url, requests=600, concurrency=concurrency))["throughput_rps"]
 
     one, sixteen = throughput(1), throughput(16)
     benchmark.pedantic(lambda: time.sleep(0), rounds=1)
@@ -172,11 +172,11 @@ def edge_data(tmp_path_factory, edge_inputs):
 
 
 def _load(server, dataset: str, send_mask: bool, modalities) -> dict:
-    from ume_edge.client import run_client
+    from ume_edge.client import ClientOptions, run_client
 
-    return run_client(server.grpc_url, dataset=dataset, requests=LOAD_REQUESTS, concurrency=LOAD_CLIENTS,
-                      drop={name: LOAD_DROP for name in modalities}, send_mask=send_mask,
-                      metrics_url=server.metrics_url, seed=11)
+    return run_client(ClientOptions(server.grpc_url, dataset=dataset, requests=LOAD_REQUESTS, concurrency=LOAD_CLIENTS,
+                                    drop={name: LOAD_DROP for name in modalities}, send_mask=send_mask,
+                                    metrics_url=server.metrics_url, seed=11))
 
 
 def _batching(benchmark, target_run, server, dataset, modalities, model):

@@ -19,7 +19,7 @@ from ume_edge.client.options import DEFAULT_MAX_FAILURES
 from ume_edge.client.simulation import MAX_LOST_SAMPLES, SensorModel, SensorReplay
 from ume_edge.data import pattern_key, presence_patterns
 from ume_edge.serve import ServeProcess
-from ume_edge.serving.process import Endpoints, free_ports
+from ume_edge.serving.server_config import Endpoints, free_ports
 
 MODALITIES = ["audio", "image"]
 

@@ -15,7 +15,7 @@ from test_client import FakeTriton
 
 from ume_edge.client.cli import main
 from ume_edge.serve import ServeProcess
-from ume_edge.serving.process import Endpoints, free_ports
+from ume_edge.serving.server_config import Endpoints, free_ports
 from ume_edge.sync import SensorSync
 
 SAMPLES = 40

@@ -219,7 +219,8 @@ def test_close_during_infer_waits_for_it_and_later_infers_say_the_pipeline_is_cl
 
 def _serve(engines, folder, **options):
     from ume_edge.serving import repository
-    from ume_edge.serving.process import Endpoints, TritonServer, free_ports
+    from ume_edge.serving.server_config import Endpoints, free_ports
+    from ume_edge.serving.tritonserver import TritonServer
 
     repository.write_repository(engines, folder, encoder_backend="python", max_queue_delay_us=20000, threads=1,
                                 **options)

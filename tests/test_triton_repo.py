@@ -11,7 +11,8 @@ from ume_edge.client import grpc_inputs
 from ume_edge.serving import repository
 from ume_edge.data import presence_patterns
 from ume_edge.runtime import Pipeline
-from ume_edge.serving.process import Endpoints, TritonServer, free_ports
+from ume_edge.serving.server_config import Endpoints, free_ports
+from ume_edge.serving.tritonserver import TritonServer
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 text_format = pytest.importorskip("google.protobuf.text_format")
