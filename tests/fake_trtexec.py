@@ -29,8 +29,8 @@ LAST_10X_WITH_DLA = (10, 7)
 FIRST_11X_WITH_DLA = (11, 4, 1)
 
 # The options of trtexec that ume-edge's lines may use, per major version, with whether each takes a value
-# (trtexec --help of 10.3-10.16 and 11.1; FACTS.md: 11 lost --fp16, --int8, --best and --calib, and its
-# --stronglyTyped is a deprecated no-op).
+# (trtexec --help of 10.3-10.16 and 11.1; docs/development.md, "TensorRT": 11 lost --fp16, --int8, --best and
+# --calib, and its --stronglyTyped is a deprecated no-op).
 _COMMON_FLAGS = {"--onnx": True, "--saveEngine": True, "--minShapes": True, "--optShapes": True,
                  "--maxShapes": True, "--memPoolSize": True, "--timingCacheFile": True, "--useDLACore": True,
                  "--allowGPUFallback": False, "--hardwareCompatibilityLevel": True, "--versionCompatible": False,

@@ -257,7 +257,7 @@ def encode(name: str, x: np.ndarray) -> np.ndarray:
 
 
 def fused(mode: str, given: dict, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy: each encoder on its present rows, then UME or MMA (METHOD.md) and softmax."""
+    """NumPy: each encoder on its present rows, then UME or MMA (docs/method.md) and softmax."""
     partial = np.zeros((len(mask), len(ORDER), C), np.float32)
     for i, name in enumerate(ORDER):
         if mask[:, i].any():

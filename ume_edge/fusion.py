@@ -1,11 +1,11 @@
-"""The fusion kernel: one masked, weighted sum over per-modality partial logits (METHOD.md, "fusion algebra").
+"""The fusion kernel: one masked, weighted sum over per-modality partial logits (docs/method.md, "The fusion algebra").
 
 Inputs: ``partial_logits [B, M, C]`` (``z_m = W_m f_m + b_m``) and ``present [B, M]`` (1 = present).
 
 - UME: ``logits = sum_m p_m z_m / max(1, sum_m p_m)``
 - MMA: ``logits = sum_m p_m z_m + sum_m (1 - p_m) c_m`` with ``c_m = W_m a_m + b_m``
 
-METHOD.md writes the MMA bias as one ``b``; here ``b = sum_m b_m`` travels with the modalities, so every engine
+docs/method.md writes the MMA bias as one ``b``; here ``b = sum_m b_m`` travels with the modalities, so every engine
 has the same output in both modes. ``fuse`` is the NumPy reference; ``fusion_graph`` is the same computation as a
 tiny ONNX graph, run by the backend that runs the encoders. Rows of an absent modality may hold anything: they
 are selected away, never multiplied.

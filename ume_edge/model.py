@@ -2,7 +2,7 @@
 
 ``UMEModel(modalities, num_classes, fusion="ume" | "mma")``. ``model(inputs, present=None)`` takes a dict in which
 an absent modality is ``None`` (the whole batch) and an optional per-row mask ``present={"audio": bool[B]}`` for
-mixed batches. An absent modality's encoder is never run. Fusion (see METHOD.md):
+mixed batches. An absent modality's encoder is never run. Fusion (see docs/method.md, "The fusion algebra"):
 
 - ``ume``: logits = mean over the present modalities of ``z_m = W_m f_m + b_m``.
 - ``mma``: logits = sum over modalities of ``W_m g_m + b_m``, ``g_m = f_m`` if present else the placeholder ``a_m``.

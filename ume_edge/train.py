@@ -1,4 +1,4 @@
-"""The UME-MMA recipe (METHOD.md): uni-modal pre-training, UME, MMA with missing-modality augmentation, the naive
+"""The UME-MMA recipe (docs/method.md): uni-modal pre-training, UME, MMA with missing-modality augmentation, the naive
 joint baseline, and selection on validation, over one or more seeds. Writes one seed's selected checkpoint and a
 report with every seed's results and their spread.
 
@@ -190,7 +190,7 @@ def load_splits(dataset: str, root=None, max_samples: int | None = None) -> dict
 
 def train_all(splits: dict[str, tuple], recipe: Recipe, dataset: str, num_classes: int = 10,
               class_names=None) -> dict[str, UMEModel]:
-    """Run every training stage of METHOD.md for ``recipe.seed``. Returns the models by role."""
+    """Run every training stage of docs/method.md for ``recipe.seed``. Returns the models by role."""
     torch.manual_seed(recipe.seed)
     train, val = splits["train"], splits["val"]
     names = sorted(train[0])

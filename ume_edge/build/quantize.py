@@ -1,6 +1,6 @@
 """Calibration and Q/DQ quantisation per target, and the fp16 conversion.
 
-One calibration pass per modality gives two files (FACTS.md):
+One calibration pass per modality gives two files (docs/development.md, "ONNX Runtime INT8 on x86 CPUs"):
 
 - **U8S8** for ONNX Runtime on the CPU: uint8 activations, int8 per-channel weights, on the operators ONNX Runtime's
   quantizer knows (so that whole chains run in int8: 2-4x faster than fp32 here) except Softmax and LayerNorm

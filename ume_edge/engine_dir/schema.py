@@ -79,7 +79,7 @@ class ModalityRecord:
 
 @dataclass
 class FusionRecord:
-    """The fusion kernel (METHOD.md): ``partial_logits [B, M, C]`` and ``present [B, M]`` to logits and probs."""
+    """The fusion kernel (docs/method.md): ``partial_logits [B, M, C]`` and ``present [B, M]`` to logits and probs."""
 
     mode: str = _doc("`ume` or `mma`")
     modality_order: list[str] = _doc("the M modalities in the order of the fusion's modality axis")
