@@ -17,16 +17,21 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 ROUTES = ("engines", "repository")
 
 
+QUEUE_DELAY_US = 2000
+
+
 @pytest.fixture(scope="module")
 def servers(int8_engines, tmp_path_factory):
     pytest.importorskip("pytriton")  # ships the tritonserver binary
     repository = tmp_path_factory.mktemp("repo") / "models"
-    write_repository(int8_engines, repository)  # triton_repo's default output: the BLS entry
+    # triton_repo's default output (the BLS entry), with the queue delay the engines route gets from serve's flag:
+    # serve --repository serves the delay written in the repository's configs
+    write_repository(int8_engines, repository, max_queue_delay_us=QUEUE_DELAY_US)
     sources = {"engines": (int8_engines, []), "repository": (None, ["--repository", str(repository)])}
     started = {}
     try:
         for route, (engines, extra) in sources.items():
-            process = ServeProcess(engines, Endpoints("127.0.0.1", *free_ports(3)), max_queue_delay_us=2000,
+            process = ServeProcess(engines, Endpoints("127.0.0.1", *free_ports(3)), max_queue_delay_us=QUEUE_DELAY_US,
                                    extra_args=extra)
             process.start(timeout_s=180)
             started[route] = process
