@@ -1,4 +1,5 @@
-"""What every ``python -m ume_edge.<verb>`` shares: help that shows each default, strict booleans, progress on stderr."""
+"""What every ``python -m ume_edge.<verb>`` shares: help that shows each default, strict booleans, progress on
+stderr."""
 
 from __future__ import annotations
 

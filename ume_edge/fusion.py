@@ -23,7 +23,6 @@ from ume_edge.constants import LOGITS, ONNX_OPSET, PARTIAL_LOGITS, PRESENT, PROB
 from ume_edge.errors import InputError
 
 
-
 @dataclass
 class FusionParams:
     mode: str
@@ -32,7 +31,7 @@ class FusionParams:
     constants: np.ndarray | None = None  # [M, C], MMA only
 
     @classmethod
-    def from_model(cls, model) -> "FusionParams":
+    def from_model(cls, model) -> FusionParams:
         import torch
 
         constants = None
@@ -42,7 +41,7 @@ class FusionParams:
         return cls(model.fusion, model.modality_names, model.num_classes, constants)
 
     @classmethod
-    def from_record(cls, fusion, num_classes: int) -> "FusionParams":
+    def from_record(cls, fusion, num_classes: int) -> FusionParams:
         """From an engine directory's ``FusionRecord``."""
         constants = None if fusion.constants is None else np.asarray(fusion.constants, dtype=np.float32)
         return cls(fusion.mode, list(fusion.modality_order), num_classes, constants)
@@ -56,12 +55,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def _mma_constants(params: FusionParams) -> np.ndarray:
+    if params.constants is None:
+        raise ValueError(f"{params.mode} fusion needs its constants (the absent modalities' partial logits)")
+    return params.constants
+
+
 def fuse(params: FusionParams, partial_logits: np.ndarray, present: np.ndarray) -> np.ndarray:
     """The NumPy reference of the fusion kernel."""
     present = np.asarray(present, dtype=bool)
     if not present.any(axis=1).all():
         raise InputError("a row has no modality present; the fusion kernel cannot predict from nothing")
-    absent_value = 0.0 if params.mode == "ume" else params.constants[None]
+    absent_value = 0.0 if params.mode == "ume" else _mma_constants(params)[None]
     selected = np.where(present[:, :, None], partial_logits, absent_value)
     total = selected.sum(axis=1)
     if params.mode == "ume":
@@ -72,7 +77,8 @@ def fuse(params: FusionParams, partial_logits: np.ndarray, present: np.ndarray) 
 def fusion_graph(params: FusionParams) -> onnx.ModelProto:
     """The fusion kernel as an ONNX graph: ``(partial_logits, present) -> (logits, probs)``."""
     m, c = len(params.modality_order), params.num_classes
-    absent = np.zeros((1, 1, 1), np.float32) if params.mode == "ume" else params.constants.astype(np.float32)[None]
+    absent = (np.zeros((1, 1, 1), np.float32) if params.mode == "ume"
+              else _mma_constants(params).astype(np.float32)[None])
     initializers = [numpy_helper.from_array(absent, "absent_value"),
                     numpy_helper.from_array(np.array([2], np.int64), "class_axis"),
                     numpy_helper.from_array(np.array([1], np.int64), "modality_axis"),

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class ConvEncoder(nn.Module):
         self.init_kwargs = dict(in_channels=in_channels, input_hw=tuple(input_hw), widths=tuple(widths),
                                 feature_dim=feature_dim, dropout=dropout, strided=tuple(strided))
         layers, channels, (h, w) = [], in_channels, input_hw
-        for width, stride in zip(widths, strided):
+        for width, stride in zip(widths, strided, strict=True):
             # Each block halves the resolution: a strided convolution, or a convolution and a 2x2 max-pool.
             conv = nn.Conv2d(channels, width, 3, stride=2 if stride else 1, padding=1)
             layers += [conv, nn.BatchNorm2d(width), nn.ReLU()] + ([] if stride else [nn.MaxPool2d(2)])
@@ -153,7 +154,9 @@ class UMEModel(nn.Module):
         for m in self.modalities:
             mask = masks[m.name].to(device)
             if mask.any():
-                z = self.partial_logits(m.name, inputs[m.name][mask])
+                x = inputs[m.name]
+                assert x is not None  # ``_presence`` marks a row present only for a modality given
+                z = self.partial_logits(m.name, x[mask])
                 total = total.index_put((mask.nonzero(as_tuple=True)[0],), z, accumulate=True)
             if self.fusion == "mma" and not mask.all():
                 total = total + (~mask).unsqueeze(1) * self.placeholder_logits(m.name)
@@ -223,7 +226,7 @@ class UMEModel(nn.Module):
                     learn_placeholder=any(p.requires_grad for p in self.placeholders.values()))
 
     @classmethod
-    def load(cls, source: str | Path, trusted_encoders: Iterable[str] = ()) -> "UMEModel":
+    def load(cls, source: str | Path, trusted_encoders: Iterable[str] = ()) -> UMEModel:
         """A checkpoint written by ``save``, or ``path/to/file.py:factory`` (a callable returning a UMEModel).
 
         A checkpoint's encoders must be ume-edge's own or named in ``trusted_encoders`` (``"module:Class"``): the
@@ -233,7 +236,8 @@ class UMEModel(nn.Module):
             return _from_factory(text)
         path = Path(text)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such checkpoint (give a .pt written by UMEModel.save or file.py:factory)")
+            raise FileNotFoundError(f"{path}: no such checkpoint "
+                                    "(give a .pt written by UMEModel.save or file.py:factory)")
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch's own message suggests weights_only=False, which would run the file's code
@@ -249,11 +253,12 @@ class UMEModel(nn.Module):
 
     @classmethod
     def from_architecture(cls, arch: dict, trusted_encoders: Iterable[str] = (),
-                          source: str = "the architecture") -> "UMEModel":
+                          source: str = "the architecture") -> UMEModel:
         specs = arch["modalities"]
         encoder_classes = _encoder_classes([spec["encoder"] for spec in specs], set(trusted_encoders), source)
         modalities = [Modality(spec["name"], encoder_cls(**spec["encoder_kwargs"]), tuple(spec["input_shape"]),
-                               spec["dtype"], spec["feature_dim"]) for spec, encoder_cls in zip(specs, encoder_classes)]
+                               spec["dtype"], spec["feature_dim"])
+                      for spec, encoder_cls in zip(specs, encoder_classes, strict=True)]
         return cls(modalities, arch["num_classes"], arch["fusion"], arch.get("learn_placeholder", False),
                    arch.get("class_names"), arch.get("name", "model"))
 
@@ -290,6 +295,8 @@ def _from_factory(spec: str) -> UMEModel:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected file.py:factory)")
     module_spec = importlib.util.spec_from_file_location(f"ume_user_model_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"{path}: cannot be imported as a Python module (expected file.py:factory)")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     factory = getattr(module, factory_name, None)
@@ -314,5 +321,7 @@ def reference_report() -> dict:
 
 def conv_modalities(shapes: dict[str, tuple[int, ...]], feature_dim: int = 64, widths=(32, 128)) -> list[Modality]:
     """A ``ConvEncoder`` per ``[channels, height, width]`` modality, in name order (the reference architecture)."""
-    return [Modality(name, ConvEncoder(shape[0], shape[1:], widths, feature_dim), shape, "float32", feature_dim)
+    # ``ConvEncoder`` unpacks ``input_hw`` into (height, width), refusing any other length.
+    return [Modality(name, ConvEncoder(shape[0], cast("tuple[int, int]", shape[1:]), widths, feature_dim), shape,
+                     "float32", feature_dim)
             for name, shape in sorted(shapes.items())]

@@ -70,7 +70,7 @@ class Pipeline:
         self.path, self.manifest, self.executor = path, manifest, executor
         self.options = options or OpenOptions()
         self.modalities = [contract.ModalitySpec(m.name, tuple(m.shape), np.dtype(m.dtype),
-                                        None if m.value_range is None else tuple(m.value_range))
+                                        None if m.value_range is None else (m.value_range[0], m.value_range[1]))
                            for m in (manifest.modality(n) for n in manifest.fusion.modality_order)]
         self.modality_names = [m.name for m in self.modalities]
         self.max_batch = manifest.max_batch
@@ -98,8 +98,8 @@ class Pipeline:
         """One modality's engine on its own, ``infer({name: x}) -> {"partial_logits": ...}`` (to serve or time an
         encoder alone), refusing values as ``infer`` does; the caller closes it."""
         manifest = self.manifest
-        engine = backends.get(manifest.backend).open_engine(self.path / manifest.modality(name).engine.path,
-                                                            self.options, manifest.device)
+        engine_path = self.path / engine_dir.schema.engine_file(manifest.modality(name)).path
+        engine = backends.get(manifest.backend).open_engine(engine_path, self.options, manifest.device)
         return CheckedEncoder(engine, next(spec for spec in self.modalities if spec.name == name))
 
     def close(self) -> None:
@@ -133,7 +133,8 @@ class Pipeline:
     def _infer(self, inputs, present) -> Prediction:
         given, mask = self._validate(inputs, present)
         try:
-            return Prediction(*self.executor.infer(given, mask), mask)
+            logits, probs = self.executor.infer(given, mask)
+            return Prediction(logits, probs, mask)
         except UmeEdgeError:
             raise
         except Exception as error:  # a runtime's own exception types; the caller needs ours and the cause

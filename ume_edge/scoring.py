@@ -4,7 +4,7 @@ statistics that compare them: the exact McNemar test of two classifiers on the s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -38,7 +38,7 @@ def accuracy_by_pattern(predict: Predictor, inputs, labels, patterns=None, batch
     return {key: percent_equal(p, labels) for key, p in predicted.items()}
 
 
-def mean_over_patterns(table: dict[str, float | None]) -> float:
+def mean_over_patterns(table: Mapping[str, float | None]) -> float:
     values = [v for v in table.values() if v is not None]
     return round(float(np.mean(values)), 2)
 

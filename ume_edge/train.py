@@ -30,8 +30,8 @@ from torch import nn
 from ume_edge.cli_common import show_progress
 from ume_edge.data import load, pattern_key, presence_patterns
 from ume_edge.errors import UmeEdgeError
-from ume_edge.scoring import accuracy_by_pattern, mean_over_patterns, predictions_by_pattern
 from ume_edge.model import UMEModel, conv_modalities
+from ume_edge.scoring import accuracy_by_pattern, mean_over_patterns, predictions_by_pattern
 from ume_edge.train_report import SELECTION_RULES, format_report, multi_seed_report, seed_report
 
 LOGGER = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def torch_predictor(model: UMEModel):
     """A NumPy-in / NumPy-out predictor for ``ume_edge.scoring``."""
     def predict(batch: dict[str, np.ndarray | None]) -> np.ndarray:
         with torch.no_grad():
-            feeds = {k: (torch.from_numpy(np.ascontiguousarray(v)) if v is not None else None) for k, v in batch.items()}
+            feeds = {k: (torch.from_numpy(np.ascontiguousarray(v)) if v is not None else None)
+                     for k, v in batch.items()}
             return model(feeds).numpy()
     return predict
 
@@ -137,7 +138,8 @@ def fit(model: UMEModel, train, val, epochs: int, lr: float, recipe: Recipe, lab
     generator = torch.Generator().manual_seed(recipe.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * -(-len(labels) // recipe.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr,
+                                                   total_steps=epochs * -(-len(labels) // recipe.batch_size))
     best, best_state = -1.0, None
     for epoch in range(1, epochs + 1):
         model.train()
@@ -155,6 +157,8 @@ def fit(model: UMEModel, train, val, epochs: int, lr: float, recipe: Recipe, lab
         LOGGER.info(f"  {label:<12} epoch {epoch:>2}/{epochs}  loss {loss.item():.3f}  val mean acc {score:.2f}%")
         if score > best:
             best, best_state = score, copy.deepcopy(model.state_dict())
+    if best_state is None:
+        raise UmeEdgeError(f"{label}: no epoch to keep ({epochs} epochs, validation accuracy {best})")
     model.load_state_dict(best_state)
     return model.eval()
 
@@ -182,6 +186,8 @@ def load_splits(dataset: str, root=None, max_samples: int | None = None) -> dict
             inputs, labels = load(dataset, split, root)
         except (ValueError, OSError) as error:
             raise UmeEdgeError(str(error)) from None
+        if labels is None:
+            raise UmeEdgeError(f"{dataset} {split}: no labels, and training needs them")
         if max_samples is not None:
             inputs, labels = {name: x[:max_samples] for name, x in inputs.items()}, labels[:max_samples]
         splits[split] = (inputs, labels)
@@ -206,7 +212,8 @@ def train_all(splits: dict[str, tuple], recipe: Recipe, dataset: str, num_classe
         models[f"uni:{modality.name}"] = fit(uni, train, val, recipe.uni_epochs, recipe.lr, recipe, modality.name)
     uni_models = {n: models[f"uni:{n}"] for n in names}
     models["ume"] = _assemble(uni_models, "ume", recipe, dataset, class_names)
-    LOGGER.info(f"[2/4] MMA: fine-tuning from the uni-modal weights, missing-modality augmentation p={recipe.missing_prob}")
+    LOGGER.info("[2/4] MMA: fine-tuning from the uni-modal weights, missing-modality augmentation "
+                f"p={recipe.missing_prob}")
     mma = _assemble(uni_models, "mma", recipe, dataset, class_names)
     models["mma"] = fit(mma, train, val, recipe.mma_epochs, recipe.mma_lr, recipe, "mma", recipe.missing_prob)
     LOGGER.info("[3/4] naive baseline: joint late fusion from scratch, no augmentation")
@@ -262,6 +269,7 @@ def train_seeds(dataset: str, recipe: Recipe, seeds: list[int], shipped_seed: in
                                round(time.perf_counter() - started, 1))
     if not report["summary"]["targets"]["met_on_every_seed"]:
         LOGGER.warning("the data-set targets are not met on validation for every seed (see the report's targets)")
+    assert shipped is not None  # ``shipped_seed`` is one of ``seeds``
     return shipped, report
 
 

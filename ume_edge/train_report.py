@@ -20,8 +20,8 @@ TOGETHER_MARGIN = 5.0  # data-set target: both present beat the best modality al
 BY_CONSTRUCTION = ("UME's single-modality ceiling gaps are 0 by construction: with one modality present UME is "
                    "the uni-modal model (identical logits). They are not evidence of robustness; MMA's and the "
                    "naive baseline's gaps are.")
-BEST_EPOCH = ("Every stage (uni-modal pre-training, MMA fine-tuning, the naive baseline) keeps the weights of its epoch "
-              "with the best validation accuracy, averaged over presence patterns (a uni-modal model has one).")
+BEST_EPOCH = ("Every stage (uni-modal pre-training, MMA fine-tuning, the naive baseline) keeps the weights of its "
+              "epoch with the best validation accuracy, averaged over presence patterns (a uni-modal model has one).")
 
 
 def select(ume_correct: np.ndarray, mma_correct: np.ndarray, rule: str = "prefer-ume") -> dict:
@@ -51,11 +51,12 @@ def seed_report(val_predictions: dict, test_predictions: dict, val_labels: np.nd
                 names: list[str], patterns: list[str], rule: str = "prefer-ume") -> dict:
     """One seed's results. ``*_predictions[role][pattern]`` are predicted classes; roles are ``uni:<modality>``
     (one pattern, its modality) and the fused ``naive``, ``ume``, ``mma``."""
-    selection = select(*(_correct(val_predictions[role], val_labels, patterns) for role in ("ume", "mma")), rule)
+    selection = select(_correct(val_predictions["ume"], val_labels, patterns),
+                       _correct(val_predictions["mma"], val_labels, patterns), rule)
     selected = selection["selected"]
     val_tables = _tables(val_predictions, val_labels, names, patterns, selected)
     tables = _tables(test_predictions, test_labels, names, patterns, selected)
-    gaps = {role: {n: round(tables[f"uni:{n}"][n] - tables[role][n], 2) for n in names} for role in (*FUSED, "selected")}
+    gaps = {role: {n: _ceiling_gap(tables, role, n) for n in names} for role in (*FUSED, "selected")}
     return {
         "models": tables, "selected": selected, "val_mean_accuracy": selection["val_mean_accuracy"],
         "selection": selection, "ceiling_gaps": gaps,
@@ -63,6 +64,14 @@ def seed_report(val_predictions: dict, test_predictions: dict, val_labels: np.nd
         "ume_vs_mma": _paired_test(test_predictions["ume"], test_predictions["mma"], test_labels, patterns),
         "val_models": val_tables, "targets": dataset_targets(val_tables, names, patterns[0]),
     }
+
+
+def _ceiling_gap(tables: dict[str, dict[str, float | None]], role: str, name: str) -> float:
+    """Points the uni-modal model on ``name`` alone scores above ``role`` with only ``name`` present."""
+    ceiling, fused = tables[f"uni:{name}"][name], tables[role][name]
+    # A uni-modal model answers the pattern of its own modality and a fused model answers every pattern.
+    assert ceiling is not None and fused is not None
+    return round(ceiling - fused, 2)
 
 
 def _correct(predictions: dict[str, np.ndarray], labels: np.ndarray, patterns: list[str]) -> np.ndarray:

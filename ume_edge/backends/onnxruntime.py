@@ -16,12 +16,14 @@ from ume_edge.backends.base import (
     BackendOptions,
     CompiledFiles,
     CompileJob,
+    Engine,
     HostExecutor,
     OpenOptions,
     TritonModel,
     check_threads,
 )
 from ume_edge.engine_dir import Manifest
+from ume_edge.engine_dir.schema import engine_file
 from ume_edge.errors import BackendUnavailable, EngineMismatch
 
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
@@ -139,8 +141,9 @@ class OnnxRuntimeBackend(Backend[OnnxRuntimeOptions]):
         return OnnxRuntimeEngine(path, options.threads)
 
     def open(self, directory: Path, manifest: Manifest, options: OpenOptions) -> HostExecutor:
-        engines = {m.name: self.open_engine(directory / m.engine.path, options) for m in manifest.modalities}
-        fusion = self.open_engine(directory / manifest.fusion.engine.path, options)
+        engines: dict[str, Engine] = {m.name: self.open_engine(directory / engine_file(m).path, options)
+                                     for m in manifest.modalities}
+        fusion = self.open_engine(directory / engine_file(manifest.fusion).path, options)
         return HostExecutor(engines, fusion, manifest.fusion.modality_order, manifest.model.num_classes)
 
     def triton_model(self, manifest: Manifest, modality: str | None) -> TritonModel:

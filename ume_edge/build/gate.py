@@ -160,6 +160,12 @@ def _score(name: str, candidate: Candidate, baseline: dict[str, Path], evaluator
     return candidate
 
 
+def _drop(candidate: Candidate) -> float:
+    """The worst drop of a candidate ``_score`` has scored."""
+    assert candidate.max_drop is not None
+    return candidate.max_drop
+
+
 def choose(name: str, fp32: Path, calib: np.ndarray, options: BuildOptions, backend: Backend[Any], work: Path,
            evaluator: Evaluator, baseline: dict[str, Path], quantizer: Quantizer) -> tuple[Candidate, list[dict]]:
     """INT8 with the requested calibration method, then the others (a method that passes keeps every layer in INT8:
@@ -179,14 +185,14 @@ def choose(name: str, fp32: Path, calib: np.ndarray, options: BuildOptions, back
     for method in methods:
         candidate = _score(name, _quantize(name, calib, method, fp32, work, backend, quantizer), baseline, evaluator,
                            backend)
-        passed = candidate.max_drop <= options.max_drop
+        passed = _drop(candidate) <= options.max_drop
         tried.append({"method": method, "max_drop": candidate.max_drop, "drops": candidate.drops, "passed": passed})
         note(f"{name}: int8 {method:<10} worst drop {candidate.max_drop:+.2f} points -> "
              f"{'kept' if passed else 'over --max-drop ' + str(options.max_drop)}")
         if passed:
             return candidate, tried
         candidates.append(candidate)
-    best = min(candidates, key=lambda c: c.max_drop)
+    best = min(candidates, key=_drop)
     search = LayerSearch(name, best, fp32, options.max_drop, backend, evaluator, baseline, quantizer)
     kept = search.run()
     if kept is not None:
@@ -262,6 +268,7 @@ class LayerSearch:
                  evaluator: Evaluator, baseline: dict[str, Path], quantizer: Quantizer):
         self.name, self.best, self.fp32, self.max_drop = name, best, fp32, max_drop
         self.backend, self.evaluator, self.baseline, self.quantizer = backend, evaluator, baseline, quantizer
+        assert best.quantized is not None  # an INT8 candidate (``_candidate``) carries its quantized files
         self.groups = layer_groups(best.quantized.prepared, backend.target_onnx(best))
         self.variants: dict[frozenset[int], Candidate] = {frozenset(): best}
 
@@ -277,7 +284,7 @@ class LayerSearch:
             candidate = self._variant(chosen)
             note(f"{self.name}: {len(chosen)} layer group(s) in float (+ {self.groups[index].label}): worst drop "
                  f"{candidate.max_drop:+.2f} points")
-            if candidate.max_drop <= self.max_drop:
+            if _drop(candidate) <= self.max_drop:
                 return self._fewest(chosen)
         return None
 
@@ -287,6 +294,7 @@ class LayerSearch:
             nodes = [node for i in sorted(key) for node in self.groups[i].nodes]
             tag = "float-" + "-".join(map(str, sorted(key)))
             files = self.best.quantized
+            assert files is not None  # checked in __init__
             candidate = _candidate(self.name, self.quantizer.requantize(files, nodes, tag), self.backend)
             self.variants[key] = _score(self.name, candidate, self.baseline, self.evaluator, self.backend)
         return self.variants[key]
@@ -300,11 +308,11 @@ class LayerSearch:
     def _fewest(self, chosen: list[int]) -> Candidate:
         """Drop groups the gate passes without; record for each remaining one the worst drop with it quantized."""
         while True:
-            costs = {i: self._variant(set(chosen) - {i}).max_drop for i in chosen}
+            costs = {i: _drop(self._variant(set(chosen) - {i})) for i in chosen}
             unneeded = [i for i in chosen if costs[i] <= self.max_drop]
             if not unneeded:
                 break
-            chosen.remove(min(unneeded, key=costs.get))
+            chosen.remove(min(unneeded, key=costs.__getitem__))
         kept = self._variant(chosen)
         kept.float_layers = [{"layer": self.groups[i].label, "op": "/".join(self.groups[i].ops),
                               "nodes": list(self.groups[i].nodes), "drop_if_quantized": costs[i]} for i in chosen]

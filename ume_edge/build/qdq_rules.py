@@ -95,7 +95,10 @@ def count_qdq(model_or_path: onnx.ModelProto | str | os.PathLike) -> dict[str, i
         if _quantized_dtype(node, index) == np.int32:
             counts["quantized_biases"] += 1
         elif _weight_consumer(node, index) is not None:
-            per_tensor = index.constants.get(node.input[1]).size == 1
+            scale = index.constants.get(node.input[1])
+            if scale is None:
+                raise BuildError(f"{_label(node)} has a weight scale computed at run time; cannot count its weights")
+            per_tensor = scale.size == 1
             counts["weights_per_tensor" if per_tensor else "weights_per_channel"] += 1
     return counts
 
@@ -166,6 +169,7 @@ def _weight_scale_violations(node: onnx.NodeProto, consumer: onnx.NodeProto, ind
     if scale.size == 1:
         return []
     weight = _weight_array(node, index)
+    assert weight is not None  # ``consumer`` was found, so ``node`` quantizes a constant weight
     expected_axis = _output_channel_axis(consumer, weight.ndim)
     channels = weight.shape[expected_axis]
     axis = _axis(node, weight.ndim)

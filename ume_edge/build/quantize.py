@@ -260,6 +260,7 @@ class Quantizer:
 
     def close(self) -> None:
         if self._process is not None:
+            assert self._process.stdin is not None  # started with stdin=PIPE
             with contextlib.suppress(BrokenPipeError):  # a worker that died leaves the pipe broken
                 self._process.stdin.close()
             self._process.wait()
@@ -313,6 +314,7 @@ class Quantizer:
         return value
 
     def _worker_error(self) -> str:
+        assert self._process is not None  # ``_run`` started it
         code = self._process.wait()
         self._stderr.seek(0)
         lines = self._stderr.read().decode(errors="replace").strip().splitlines()

@@ -86,8 +86,9 @@ def _refuse_chance_accuracy(evaluator: gate.Evaluator, data: inputs.DataSet, opt
 def _verify(evaluator: gate.Evaluator, backend: Backend[Any], compiled: CompiledFiles, names: list[str],
             options: BuildOptions) -> tuple[dict, str]:
     """Score every pattern with what was built: the engines, or (export only) the ONNX they will be built from."""
-    if all(compiled.engines[name] is not None for name in names):
-        files = {name: compiled.engines[name] for name in names}
+    built = {name: path for name in names if (path := compiled.engines[name]) is not None}
+    if len(built) == len(names):
+        files = built
         open_options = OpenOptions(threads=options.threads)
         table = evaluator.table(files, open_engine=lambda path: backend.open_engine(path, open_options,
                                                                                     compiled.device))
@@ -164,7 +165,7 @@ def _manifest(model, options: BuildOptions, backend: Backend[Any], chosen, tried
         versions={"ume_edge": __version__, "onnx": onnx.__version__, "numpy": np.__version__,
                   "onnxruntime": backends.get("onnxruntime").version(), backend.name: backend.version()},
         device=compiled.device, backend_settings=compiled.settings,
-        scripts={name: _record(staging, path) for name, path in compiled.scripts.items()},
+        scripts={name: engine_dir.record_file(staging, path) for name, path in compiled.scripts.items()},
         made_on_target=compiled.made_on_target, calibration=calibration, accuracy=accuracy,
         tensorrt_rules={name: c.tensorrt_problems for name, c in chosen.items()},
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

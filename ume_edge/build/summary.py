@@ -15,6 +15,8 @@ def format_summary(manifest: engine_dir.Manifest, out: Path, seconds: float | No
              "|---|---|---|---|---|"]
     for m in manifest.modalities:
         record = m.engine or m.onnx
+        if record is None:
+            raise ValueError(f"manifest: modality {m.name} has neither an engine nor an ONNX file")
         size = (out / record.path).stat().st_size / 1024
         precision = m.precision + (f" ({len(m.float_layers)} layer group(s) float)" if m.float_layers else "")
         lines.append(f"| {m.name} | {precision} | {m.calibration_method or '-'} | {record.path} | {size:.0f} KiB |")

@@ -261,12 +261,19 @@ def _type_text(tp) -> str:
     return _markdown(text.replace("<class '", "").replace("'>", ""))
 
 
+def engine_file(record: ModalityRecord | FusionRecord) -> FileRecord:
+    """``record.engine``, which every record of a directory that is not export-only has (``validate`` checks)."""
+    if record.engine is None:
+        raise EngineMismatch(f"{getattr(record, 'name', 'fusion')}: no engine file (an export-only directory?)")
+    return record.engine
+
+
 def format_reference() -> str:
     """The manifest's fields, as Markdown tables, one per record."""
     lines = []
     for cls in (Manifest, ModelRecord, ModalityRecord, FusionRecord, FileRecord):
         hints = typing.get_type_hints(cls)
-        lines += [f"### `{cls.__name__}`", "", _markdown(cls.__doc__.strip()), "", "| field | type | meaning |",
+        lines += [f"### `{cls.__name__}`", "", _markdown((cls.__doc__ or "").strip()), "", "| field | type | meaning |",
                   "|---|---|---|"]
         for spec in dataclasses.fields(cls):
             lines.append(f"| `{spec.name}` | `{_type_text(hints[spec.name])}` | {_markdown(spec.metadata['doc'])} |")

@@ -8,6 +8,7 @@ presence masks, an absent row is never computed, and a request that cannot be an
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,12 +47,13 @@ def answer_requests(pipeline, requests: list[dict[str, np.ndarray]]) -> list[dic
 def answer_checked(pipeline, checked: list[Request | Rejected]) -> list[dict | Rejected]:
     answers: list = list(checked)
     valid = [i for i, item in enumerate(checked) if isinstance(item, Request)]
-    for index, answer in zip(valid, _answer_valid(pipeline, [checked[i] for i in valid]), strict=True):
+    requests = [item for item in checked if isinstance(item, Request)]
+    for index, answer in zip(valid, _answer_valid(pipeline, requests), strict=True):
         answers[index] = answer
     return answers
 
 
-def _answer_valid(pipeline, batch: list[Request]) -> list[dict | Rejected]:
+def _answer_valid(pipeline, batch: list[Request]) -> Sequence[dict | Rejected]:
     if not batch:
         return []
     try:
@@ -80,7 +82,8 @@ def _rejection(error: Exception) -> Rejected:
 def _infer_stacked(pipeline, batch: list[Request]) -> list[dict]:
     bounds = np.cumsum([0] + [request.rows for request in batch])
     mask = np.concatenate([request.mask for request in batch])
-    inputs, present = {}, {}
+    inputs: dict[str, np.ndarray | None] = {}
+    present: dict[str, np.ndarray] = {}
     for i, name in enumerate(pipeline.modality_names):
         if not mask[:, i].any():
             inputs[name] = None  # absent from the whole batch: its encoder does not run

@@ -267,7 +267,7 @@ class EntryMetrics:
 
     def _add(self, name: str, value: float, **labels) -> None:
         with self._lock:
-            self._pending[name, tuple(sorted(labels.items()))] += value
+            self._pending[name, tuple(sorted(labels.items()))] += value  # type: ignore[assignment]  # typeshed: int
 
     def _flush_until_stopped(self) -> None:
         while not self._stop.wait(self.FLUSH_S):

@@ -120,7 +120,7 @@ def _parameters(values: dict[str, str]) -> list[dict]:
 
 
 def _tensor(name: str, dtype: str, dims, optional: bool = False) -> dict:
-    tensor = {"name": name, "data_type": Ident(TRITON_DTYPES[dtype]), "dims": [int(d) for d in dims]}
+    tensor: dict[str, object] = {"name": name, "data_type": Ident(TRITON_DTYPES[dtype]), "dims": [int(d) for d in dims]}
     if optional:
         tensor["optional"] = True
     return tensor

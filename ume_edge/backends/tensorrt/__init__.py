@@ -23,6 +23,7 @@ from ume_edge.backends.tensorrt.pipeline import DevicePipeline
 from ume_edge.backends.tensorrt.trtexec import MAJOR_RELEASES, PlanJob, script
 from ume_edge.constants import PARTIAL_LOGITS, PRESENT
 from ume_edge.engine_dir import Manifest, ModalityRecord
+from ume_edge.engine_dir.schema import engine_file
 from ume_edge.errors import BuildError, EngineMismatch
 
 FOLDER = "tensorrt"
@@ -168,8 +169,8 @@ class TensorRTBackend(Backend[TensorRTOptions]):
                               dla_core=device.get("dla_core"))
 
     def open(self, directory: Path, manifest: Manifest, options: OpenOptions) -> DevicePipeline:
-        plans = {m.name: directory / m.engine.path for m in manifest.modalities}
-        return self._open_plans(plans | {"fusion": directory / manifest.fusion.engine.path}, manifest, options,
+        plans = {m.name: directory / engine_file(m).path for m in manifest.modalities}
+        return self._open_plans(plans | {"fusion": directory / engine_file(manifest.fusion).path}, manifest, options,
                                 manifest.device)
 
     def _open_plans(self, plans: dict[str, Path], manifest: Manifest, options: OpenOptions,

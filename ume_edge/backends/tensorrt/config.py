@@ -47,6 +47,7 @@ class BuildConfig:
 
     def _general_problems(self) -> list[str]:
         problems = []
+        assert self.opt_batch is not None  # __post_init__ sets it
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.max_batch < 1:
@@ -59,6 +60,7 @@ class BuildConfig:
 
     def _dla_problems(self) -> list[str]:
         problems = []
+        assert self.dla_core is not None  # validate calls this only for a DLA build
         if self.dla_core < 0:
             problems.append(f"dla_core is {self.dla_core}; DLA cores are numbered from 0")
         if self.precision not in DLA_PRECISIONS:
@@ -81,6 +83,7 @@ def profile_batches(config: BuildConfig) -> tuple[int, int, int]:
     the engine pads smaller batches up to it."""
     if config.dla_core is not None:
         return (config.max_batch,) * 3
+    assert config.opt_batch is not None  # __post_init__ sets it
     return 1, config.opt_batch, config.max_batch
 
 
@@ -108,7 +111,7 @@ def builder_settings(config: BuildConfig, tensorrt_version: str) -> dict:
         "network_flags": ["STRONGLY_TYPED"] if major == 10 and not weakly_typed else [],
         "builder_flags": flags,
         "memory_pool_limits": {"WORKSPACE": config.workspace_mb * MIB},
-        "profile_batch": dict(zip(("min", "opt", "max"), profile_batches(config))),
+        "profile_batch": dict(zip(("min", "opt", "max"), profile_batches(config), strict=True)),
         "timing_cache": os.fspath(config.timing_cache) if config.timing_cache else None,
         "default_device_type": "GPU" if config.dla_core is None else "DLA",
         "DLA_core": config.dla_core,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,7 +40,9 @@ class TensorRTEngine:
                  dla_core: int | None = None):
         self.path = Path(path)
         self._cudart = api.cudart()
-        self._stream, self._buffers, self._graphs = None, {}, {}
+        self._stream: Any = None  # a cuda-python cudaStream_t
+        self._buffers: dict[str, int] = {}
+        self._graphs: dict[int, Any] = {}  # batch size -> cuda-python cudaGraphExec_t
         api.call(self._cudart.cudaSetDevice(device_id))
         self._load(api.tensorrt(), version_compatible, dla_core)
         try:
@@ -109,7 +112,7 @@ class TensorRTEngine:
             raise InputError(f"{self.path.name} has no input {name!r}; it takes {self.input_names}")
         return DeviceTensor(self._buffers[name], (batch_size, *self.max_shapes[name][1:]), self.dtypes[name])
 
-    def enqueue(self, feeds: dict[str, "np.ndarray | DeviceTensor"]) -> dict[str, DeviceTensor]:
+    def enqueue(self, feeds: Mapping[str, np.ndarray | DeviceTensor]) -> dict[str, DeviceTensor]:
         """Queue the copies in and one run on ``stream`` and return at once, waiting for nothing. A feed is a host
         array (contiguous, this engine's dtype; copied in), a ``DeviceTensor`` elsewhere on the GPU (copied device to
         device) or ``input_tensor``'s own buffer (already in place). Keep host arrays alive until the stream is
@@ -155,7 +158,7 @@ class TensorRTEngine:
         else:
             self._copy(self._buffers[name], tensor.ctypes.data, nbytes, kind.cudaMemcpyHostToDevice)
 
-    def _feed(self, feeds: dict, name: str):
+    def _feed(self, feeds: Mapping, name: str):
         if name not in feeds:
             raise InputError(f"input {name!r} is missing; {self.path.name} takes {self.input_names}")
         return feeds[name]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ume_edge.backends.tensorrt import api
-from ume_edge.backends.tensorrt.engine import TensorRTEngine
+from ume_edge.backends.tensorrt.engine import DeviceTensor, TensorRTEngine
 from ume_edge.constants import LOGITS, PARTIAL_LOGITS, PRESENT, PROBS
 from ume_edge.errors import EngineMismatch, InputError
 
@@ -13,7 +13,7 @@ from ume_edge.errors import EngineMismatch, InputError
 def present_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """``(start, stop)`` of each run of consecutive present rows: ``[1, 1, 0, 1]`` -> ``[(0, 2), (3, 4)]``."""
     edges = np.diff(np.concatenate(([0], np.asarray(rows, np.int8), [0])))
-    return [(int(a), int(b)) for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))]
+    return [(int(a), int(b)) for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True)]
 
 
 class DevicePipeline:
@@ -49,7 +49,8 @@ class DevicePipeline:
         for name in encoded:
             api.call(self._cudart.cudaStreamWaitEvent(self.fusion.stream, self._events[name], 0))
         present = mask.astype(np.float32)
-        feeds = {PARTIAL_LOGITS: self.fusion.input_tensor(PARTIAL_LOGITS, len(mask)), PRESENT: present}
+        feeds: dict[str, np.ndarray | DeviceTensor] = {
+            PARTIAL_LOGITS: self.fusion.input_tensor(PARTIAL_LOGITS, len(mask)), PRESENT: present}
         outputs = self.fusion.enqueue(feeds)
         fused = self.fusion.download({LOGITS: outputs[LOGITS], PROBS: outputs[PROBS]})
         return fused[LOGITS], fused[PROBS]
