@@ -227,7 +227,10 @@ def check_fusion_presence(present: np.ndarray) -> None:
     if not_binary.any():
         raise Refused(f"input {PRESENT!r}: rows {_rows(not_binary)} hold values other than 0 and 1; mark each "
                       "modality 1 (present) or 0 (absent)", MASK)
-    _no_empty_rows(present == 1)
+    empty = ~(present == 1).any(axis=1)
+    if empty.any():
+        raise Refused(f"input {PRESENT!r}: rows {_rows(empty)} have no modality present; the fusion cannot predict "
+                      "from nothing: mark at least one modality 1", NO_MODALITY)
 
 
 def failed(error: Exception) -> Refused:
