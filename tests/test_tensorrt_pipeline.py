@@ -213,9 +213,9 @@ def test_close_frees_everything_once(setup):
 
 
 @pytest.mark.parametrize(("mask", "given", "message"), [
-    (np.ones((2, 3), np.int64), None, r"mask must be a bool array of shape \[batch, 3\].*int64 \[2, 3\]"),
-    (np.ones((2, 2), bool), None, r"mask must be a bool array.*bool \[2, 2\]"),
-    (np.ones((0, 3), bool), None, r"mask must be a bool array"),
+    (np.ones((2, 3), np.int64), None, r"'mask' must be a bool array \[rows, 3\].*int64 \[2, 3\]"),
+    (np.ones((2, 2), bool), None, r"'mask' must be a bool array.*bool \[2, 2\]"),
+    (np.ones((0, 3), bool), None, r"'mask' must be a bool array"),
     (np.array([[1, 0, 0], [0, 0, 0]], bool), None, r"rows \[1\] have no modality present"),
     (np.array([[1, 0, 1], [1, 0, 0]], bool), {"audio"}, r"modality 'text' has present rows"),
 ])

@@ -1,5 +1,10 @@
 """Exceptions a user can act on. Each message says what went wrong and what to do next."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ume_edge.serving import contract
+
 
 class UmeEdgeError(Exception):
     """Base class for every error ume-edge raises on purpose."""
@@ -12,6 +17,15 @@ class InputError(UmeEdgeError, ValueError):
     def __init__(self, message: str, reason: str = "invalid"):
         super().__init__(message)
         self.reason = reason
+
+
+@contextmanager
+def refusals_as_input_errors() -> Iterator[None]:
+    """The request contract's refusals as ``InputError``, the error ume-edge's Python API raises for bad inputs."""
+    try:
+        yield
+    except contract.Refused as refused:
+        raise InputError(str(refused), refused.reason) from None
 
 
 class BackendUnavailable(UmeEdgeError):

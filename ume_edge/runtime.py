@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,21 +16,12 @@ import numpy as np
 
 from ume_edge import backends, engine_dir
 from ume_edge.backends.base import OpenOptions
-from ume_edge.errors import EngineMismatch, InputError, UmeEdgeError
+from ume_edge.errors import EngineMismatch, UmeEdgeError, refusals_as_input_errors
 from ume_edge.serving import contract
 
 
 class PipelineClosed(UmeEdgeError):
     """``infer`` on a Pipeline that was closed (or is closing)."""
-
-
-@contextmanager
-def refusals_as_input_errors() -> Iterator[None]:
-    """The contract's refusals as ``InputError``, the error ume-edge's Python API raises for bad inputs."""
-    try:
-        yield
-    except contract.Refused as refused:
-        raise InputError(str(refused), refused.reason) from None
 
 
 class CheckedEncoder:

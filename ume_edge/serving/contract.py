@@ -151,6 +151,25 @@ def _no_empty_rows(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
+def check_mask(mask, names: list[str], rows: int | None = None, what: str = PRESENT) -> np.ndarray:
+    """``mask`` as a bool ``[rows, M]`` presence mask over ``names`` (any number of rows above 0 when ``rows`` is
+    None) in which every row has a modality present, or ``Refused``."""
+    expected = (rows, len(names)) if rows is not None else (len(mask) if np.ndim(mask) == 2 else 0, len(names))
+    if type(mask) is not np.ndarray or mask.dtype != bool or mask.shape != expected or not len(mask):
+        found = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise Refused(f"{what!r} must be a bool array [{'rows' if rows is None else rows}, {len(names)}] (rows x "
+                      f"modalities {', '.join(names)}), got {found}", MASK)
+    return _no_empty_rows(mask)
+
+
+def check_present_rows_given(given: dict[str, np.ndarray], mask: np.ndarray, names: list[str]) -> None:
+    """Every modality with a present row in ``mask`` must be in ``given`` with all of the mask's rows."""
+    for i, name in enumerate(names):
+        if mask[:, i].any() and (name not in given or len(given[name]) != len(mask)):
+            raise Refused(f"modality {name!r} has present rows, so its input must hold all {len(mask)} rows of the "
+                          "batch", MASK)
+
+
 def presence_mask(given: dict[str, np.ndarray], present, names: list[str], batch: int) -> np.ndarray:
     """The bool ``[batch, M]`` mask of ``Pipeline.infer``'s ``present`` (modality -> bool ``[batch]``; a modality
     given and not named is present in every row)."""
@@ -204,11 +223,7 @@ def check_request(arrays: dict[str, np.ndarray], specs: list[ModalitySpec], max_
     if missing:
         raise Refused(f"with {PRESENT!r}, send every modality (zeros where absent); missing {', '.join(missing)}", MASK)
     rows = _same_rows({name: len(array) if np.ndim(array) else 0 for name, array in inputs.items()})
-    mask = np.asarray(arrays[PRESENT])
-    if mask.shape != (rows, len(names)):
-        raise Refused(f"{PRESENT!r} must be [{rows}, {len(names)}] (rows x modalities {', '.join(names)}), got "
-                      f"{list(mask.shape)}", MASK)
-    mask = _no_empty_rows(mask.astype(bool))
+    mask = check_mask(np.asarray(arrays[PRESENT]).astype(bool), names, rows)
     present = {name: _zero_absent(inputs[name], mask[:, i]) for i, name in enumerate(names) if mask[:, i].any()}
     return Request(check_inputs(present, specs, max_batch)[0], mask)
 

@@ -7,7 +7,8 @@ import numpy as np
 from ume_edge.backends.tensorrt import api
 from ume_edge.backends.tensorrt.engine import DeviceTensor, TensorRTEngine
 from ume_edge.constants import LOGITS, PARTIAL_LOGITS, PRESENT, PROBS
-from ume_edge.errors import EngineMismatch, InputError
+from ume_edge.errors import EngineMismatch, refusals_as_input_errors
+from ume_edge.serving import contract
 
 
 def present_runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -78,16 +79,9 @@ class DevicePipeline:
             done += stop - start
 
     def _check(self, given: dict[str, np.ndarray], mask) -> np.ndarray:
-        mask = np.asarray(mask)
-        if mask.dtype != bool or mask.ndim != 2 or mask.shape[1] != len(self.modality_order) or not len(mask):
-            raise InputError(f"mask must be a bool array of shape [batch, {len(self.modality_order)}] (modalities "
-                             f"{self.modality_order}), got {mask.dtype} {list(mask.shape)}")
-        if not mask.any(axis=1).all():
-            raise InputError(f"rows {np.flatnonzero(~mask.any(axis=1))[:10].tolist()} have no modality present")
-        for i, name in enumerate(self.modality_order):
-            if mask[:, i].any() and (name not in given or len(given[name]) != len(mask)):
-                raise InputError(f"modality {name!r} has present rows, so given[{name!r}] must hold all "
-                                 f"{len(mask)} rows of the batch")
+        with refusals_as_input_errors():
+            mask = contract.check_mask(mask, self.modality_order, what="mask")
+            contract.check_present_rows_given(given, mask, self.modality_order)
         return mask
 
     def close(self) -> None:
