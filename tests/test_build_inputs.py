@@ -173,10 +173,9 @@ def test_default_names_separate_precision_backend_and_export_only():
 
 @pytest.mark.slow
 def test_stale_default_engines_are_rebuilt(int8_engines, tmp_path, monkeypatch):
-    import ume_edge.build.stages as stages
-
-    monkeypatch.setattr(stages, "ENGINES_DIR", tmp_path)
+    monkeypatch.chdir(tmp_path)
     out = ensure_default_engines("fp32")
+    assert out.parent == tmp_path / "engines"
     manifest = engine_dir.load(out)
     data = manifest.to_json()
     data["versions"]["onnxruntime"] = "0.1.0"  # as after an upgrade of ONNX Runtime

@@ -32,11 +32,13 @@ DEFAULT_METRICS_PORT = 8002
 # adds latency at low load, and requests that queue while a batch runs are batched anyway.
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-ENGINES_DIR = PROJECT_ROOT / "engines"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the checkout, in an editable install; site-packages otherwise
 REFERENCE_MODEL_NAME = "avdigits"
 
 
+def default_engines_dir() -> Path:
+    """Where builds go by default: ``./engines`` under the working directory (never inside the installed package)."""
+    return Path.cwd() / "engines"
 def encoder_model_name(modality: str) -> str:
     """The Triton model that serves one modality's encoder."""
     return f"ume_{modality}"

@@ -25,7 +25,7 @@ from ume_edge.build.failures import write_failure
 from ume_edge.build.options import BuildOptions, check_options, resolve_backend
 from ume_edge.build.progress import note, stage
 from ume_edge.build.quantize import Quantizer
-from ume_edge.constants import DEFAULT_PRECISION, ENGINES_DIR
+from ume_edge.constants import DEFAULT_PRECISION, default_engines_dir
 from ume_edge.errors import BuildError, EngineMismatch
 from ume_edge.fusion import FusionParams, fusion_graph
 
@@ -42,9 +42,9 @@ def model_sha256(model) -> str:
 
 
 def default_out(model_label: str, precision: str, backend_name: str, export_only: bool = False) -> Path:
-    """``engines/<label>-<precision>-<backend>[-export]``; the label is ``reference`` for the shipped model, else
+    """``./engines/<label>-<precision>-<backend>[-export]``; the label is ``reference`` for the shipped model, else
     the model's name and the start of its hash, so that no other model's build replaces another's."""
-    return ENGINES_DIR / f"{model_label}-{precision}-{backend_name}{'-export' if export_only else ''}"
+    return default_engines_dir() / f"{model_label}-{precision}-{backend_name}{'-export' if export_only else ''}"
 
 
 def _model_label(model, options: BuildOptions, sha256: str) -> str:
