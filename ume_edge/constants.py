@@ -39,6 +39,8 @@ REFERENCE_MODEL_NAME = "avdigits"
 def default_engines_dir() -> Path:
     """Where builds go by default: ``./engines`` under the working directory (never inside the installed package)."""
     return Path.cwd() / "engines"
+
+
 def encoder_model_name(modality: str) -> str:
     """The Triton model that serves one modality's encoder."""
     return f"ume_{modality}"
