@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ume_edge.serving import repository
+from ume_edge.serving import repository, repository_swap
 
 
 def _cli(*args):
@@ -203,7 +203,7 @@ def test_a_run_killed_at_any_step_leaves_the_old_or_the_new_repository(int8_engi
                                  "1" if atomic else "0"], capture_output=True, text=True, timeout=120)
         completed = result.returncode == 0
         assert completed or result.returncode == -signal.SIGKILL, result.stderr
-        repository.recover_interrupted(out)  # what the next run does first
+        repository_swap.recover_interrupted(out)  # what the next run does first
         assert _tree_hash(out) in (old_hash, new_hash), f"killed after step {kill_after}"
         assert _hidden(work) == [] and _hidden(out) == [], f"killed after step {kill_after}"
         kill_after += 1

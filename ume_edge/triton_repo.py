@@ -15,7 +15,8 @@ from ume_edge import engine_dir
 from ume_edge.cli_common import DefaultsFormatter
 from ume_edge.constants import DEFAULT_MAX_QUEUE_DELAY_US
 from ume_edge.errors import UmeEdgeError
-from ume_edge.serving.repository import ENCODER_BACKENDS, ENTRIES, check_out, serve_hint, write_repository
+from ume_edge.serving.repository import ENCODER_BACKENDS, ENTRIES, serve_hint, write_repository
+from ume_edge.serving.repository_swap import check_out
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
