@@ -7,7 +7,8 @@ import pytest
 
 from ume_edge.scoring import discordant_pairs, mcnemar_exact, spread
 from ume_edge.model import UMEModel
-from ume_edge.train import _parser, main
+from ume_edge.train import main
+from ume_edge.train_options import build_parser
 from ume_edge.train_report import select
 
 
@@ -77,7 +78,7 @@ def test_cli_booleans_are_strict_and_help_shows_every_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--learn-placeholder", "maybe"])
     assert exit_info.value.code == 2 and "expected true or false" in capsys.readouterr().err
-    help_text = " ".join(_parser().format_help().split())
+    help_text = " ".join(build_parser().format_help().split())
     for default in ("(default: 0,1,2)", "(default: prefer-ume)", "(default: False)", "(default: 14)"):
         assert default in help_text
 

@@ -1,27 +1,18 @@
 """The UME-MMA recipe (docs/method.md): uni-modal pre-training, UME, MMA with missing-modality augmentation, the naive
 joint baseline, and selection on validation, over one or more seeds. Writes one seed's selected checkpoint and a
-report with every seed's results and their spread.
+report with every seed's results and their spread. Its options are read by ``train_options`` and the two files
+written by ``train_output``.
 
     python -m ume_edge.train --dataset avdigits --seeds 0,1,2 --out models/avdigits.pt
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
-import math
-import os
-import secrets
-import signal
 import sys
-import tempfile
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -32,73 +23,12 @@ from ume_edge.data import load, pattern_key, presence_patterns
 from ume_edge.errors import UmeEdgeError
 from ume_edge.model import UMEModel, conv_modalities
 from ume_edge.scoring import accuracy_by_pattern, mean_over_patterns, predictions_by_pattern
-from ume_edge.train_report import SELECTION_RULES, format_report, multi_seed_report, seed_report
+from ume_edge.train_options import Recipe, build_parser
+from ume_edge.train_output import NotWritten, check_writable, write_checkpoint_and_report
+from ume_edge.train_report import format_report, multi_seed_report, seed_report
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-MAX_SEED = 2**32 - 1  # the largest seed NumPy accepts (torch accepts more)
-
-
-def _number(text: str, kind: type, is_valid, expected: str):
-    """``text`` as ``kind`` when ``is_valid`` holds for it; otherwise an argparse error saying what was expected."""
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not is_valid(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}")
-    return value
-
-
-def at_least_one(text: str) -> int:
-    return _number(text, int, lambda value: value >= 1, "a whole number of at least 1")
-
-
-def positive_finite(text: str) -> float:
-    return _number(text, float, lambda value: math.isfinite(value) and value > 0, "a finite number above 0")
-
-
-def non_negative_finite(text: str) -> float:
-    return _number(text, float, lambda value: math.isfinite(value) and value >= 0, "a finite number of at least 0")
-
-
-def probability(text: str) -> float:
-    return _number(text, float, lambda value: 0 <= value <= 1, "a probability from 0 to 1")
-
-
-def seed_number(text: str) -> int:
-    return _number(text, int, lambda value: 0 <= value <= MAX_SEED, f"a seed from 0 to {MAX_SEED}")
-
-
-def parse_bool(text: str) -> bool:
-    """``true``/``false`` (or ``yes``/``no``, ``1``/``0``); anything else is an error, never a silent false."""
-    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-    if text.lower() not in words:
-        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-    return words[text.lower()]
-
-
-@dataclass
-class Recipe:
-    """The training hyper-parameters; ``parse`` in a field's metadata is how its command-line option is read."""
-    uni_epochs: int = field(default=14, metadata={
-        "help": "epochs of uni-modal pre-training, per modality", "parse": at_least_one})
-    mma_epochs: int = field(default=8, metadata={"help": "epochs of MMA fine-tuning", "parse": at_least_one})
-    naive_epochs: int = field(default=14, metadata={
-        "help": "epochs of the naive joint baseline", "parse": at_least_one})
-    batch_size: int = field(default=64, metadata={"help": "training batch size", "parse": at_least_one})
-    lr: float = field(default=2e-3, metadata={
-        "help": "peak one-cycle learning rate (uni-modal and naive)", "parse": positive_finite})
-    mma_lr: float = field(default=3e-4, metadata={
-        "help": "peak one-cycle learning rate of MMA fine-tuning", "parse": positive_finite})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay", "parse": non_negative_finite})
-    missing_prob: float = field(default=0.5, metadata={
-        "help": "MMA augmentation: probability that a sample loses one modality chosen at random",
-        "parse": probability})
-    learn_placeholder: bool = field(default=False, metadata={
-        "help": "learn MMA's absent-modality placeholder features (true/false) instead of keeping zeros",
-        "parse": parse_bool})
-    seed: int = 0
 
 
 def _tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -273,110 +203,8 @@ def train_seeds(dataset: str, recipe: Recipe, seeds: list[int], shipped_seed: in
     return shipped, report
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``0,1,2`` -> ``[0, 1, 2]``: distinct seeds, each one ``seed_number`` accepts."""
-    try:
-        seeds = [seed_number(part) for part in text.split(",")]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated seeds from 0 to {MAX_SEED} such as 0,1,2, not {text!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
-    return seeds
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ume_edge.train", description=(
-        "Train a UME-MMA model over one or more seeds: uni-modal encoders, UME, MMA (fine-tuned with "
-        "missing-modality augmentation), the naive joint baseline; select UME or MMA on validation; write one "
-        "seed's checkpoint and a report with every seed's results and their spread."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", default="avdigits", help="avdigits (shipped) or avmnist (needs --root)")
-    parser.add_argument("--root", help="data folder for avmnist (MultiBench layout)")
-    parser.add_argument("--out", type=Path, default=Path("models/avdigits.pt"),
-                        help="checkpoint to write; the report goes next to it as <name>-report.json")
-    parser.add_argument("--seeds", type=parse_seeds, default="0,1,2", help="comma-separated training seeds")
-    parser.add_argument("--ship-seed", type=seed_number, help="the seed whose selected model --out gets; None: the "
-                        "first of --seeds")
-    parser.add_argument("--selection", choices=SELECTION_RULES, default="prefer-ume", help=(
-        "UME or MMA, on validation: prefer-ume keeps UME unless MMA is better beyond noise (1.96 paired standard "
-        "errors of the mean accuracy over patterns), prefer-mma the reverse, higher-mean ignores the noise"))
-    parser.add_argument("--max-samples", type=at_least_one, help="keep only the first N pairs of every split (smoke "
-                        "runs; the numbers then mean little); None: every pair")
-    for recipe_field in fields(Recipe):
-        if recipe_field.name != "seed":
-            parser.add_argument(f"--{recipe_field.name.replace('_', '-')}", type=recipe_field.metadata["parse"],
-                                default=recipe_field.default, help=recipe_field.metadata["help"])
-    return parser
-
-
-class NotWritten(UmeEdgeError):
-    """The checkpoint or its report could not be written; the previous ones are as they were."""
-
-
-def check_writable(path: Path) -> None:
-    """Raise ``UmeEdgeError`` unless a file can be written at ``path`` (its folder exists or can be created)."""
-    try:
-        problem = _why_not_writable(path)
-    except OSError as error:
-        problem = f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error)
-    if problem:
-        raise UmeEdgeError(f"cannot write {path}: {problem}")
-
-
-def _why_not_writable(path: Path) -> str | None:
-    if path.is_dir():
-        return f"it is a folder; give a file name, such as {path / 'model.pt'}"
-    folder = path.parent
-    existing = next(ancestor for ancestor in (folder, *folder.parents) if ancestor.exists())
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if existing != folder:  # try creating the first missing folder (and remove it again)
-        first_missing = next(ancestor for ancestor in (folder, *folder.parents) if ancestor.parent == existing)
-        first_missing.mkdir()
-        first_missing.rmdir()
-        return None
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
-        return None
-
-
-def write_checkpoint_and_report(model: UMEModel, report: dict, out: Path, report_path: Path) -> None:
-    """Write both to temporary files next to them and rename them over the old ones only once both are complete.
-    On any failure (``NotWritten``) or interruption the old files are untouched and the temporaries removed."""
-    staged = {final: final.with_name(f".{final.name}.{secrets.token_hex(4)}.partial") for final in (out, report_path)}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        model.save(staged[out], report)
-        staged[report_path].write_text(json.dumps(report, indent=2) + "\n")
-        with _sigint_ignored():
-            for final, temporary in staged.items():  # the report last
-                os.replace(temporary, final)
-    except OSError as error:
-        raise NotWritten(f"could not write {out} and {report_path} ({error.strerror or error}); "
-                         "both are as they were") from None
-    except RuntimeError as error:  # how torch.save reports a failed write, without the cause
-        raise NotWritten(f"could not write {out}: saving stopped part-way, most likely on a full disk or a file-size "
-                         f"limit ({str(error).splitlines()[0]}); {out} and {report_path} are as they were") from None
-    finally:
-        for temporary in staged.values():
-            temporary.unlink(missing_ok=True)
-
-
-@contextmanager
-def _sigint_ignored():
-    """Ctrl-C is ignored inside, so that the checkpoint and the report are renamed both or neither."""
-    if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread only
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def main(argv=None) -> None:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     shipped_seed = args.seeds[0] if args.ship_seed is None else args.ship_seed
     if shipped_seed not in args.seeds:
