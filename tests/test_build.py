@@ -28,7 +28,7 @@ def test_default_build_from_the_command_line(tmp_path):
     assert "| audio | int8 | entropy | audio.onnx |" in result.stdout
     assert "| audio+image |" in result.stdout and "| image |" in result.stdout
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["audio.onnx", "fusion.onnx", "image.onnx",
-                                                                   "manifest.json"]
+                                                                   "manifest.json", "verification.npz"]
 
 
 def test_manifest_records_what_a_deployment_needs(int8_engines):

@@ -2,6 +2,9 @@
 ``triton_repo``'s default output (the BLS entry, with no ume-edge import in its models) answer one battery of good and
 bad requests identically over real gRPC, both take ``present``, and both count by presence pattern."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -101,3 +104,13 @@ def test_16_clients_with_the_mask_share_batches_and_are_counted_by_pattern(serve
     counted = {pattern: row["requests"] for pattern, row in summary["server"]["per_pattern"].items()}
     assert counted == sent and len(sent) == 3
     assert summary["server"]["rows_per_batch"] >= 4
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_both_routes_pass_verify_against_the_build(servers, int8_engines, route):
+    """``python -m ume_edge.verify DIR --url``: every pattern, with and without the mask, as the build recorded."""
+    result = subprocess.run([sys.executable, "-m", "ume_edge.verify", str(int8_engines), "--url",
+                             servers[route].grpc_url], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("holds:")
+    assert result.stdout.count("| ok |") == 6  # 3 patterns x (inputs, mask)

@@ -1,9 +1,10 @@
 """The build: a trained UME-MMA model -> per-modality engines, the fusion kernel, a manifest.
 
 Stages: load the model, export one ONNX per modality, calibrate and quantise (INT8) with an accuracy gate per
-modality, compile for the backend, verify every presence pattern against the fp32 PyTorch model, then publish the
-engine directory (``engine_dir.staged``): a failed or interrupted build leaves ``--out`` as it was. What was asked is
-checked first (``options``); a failure the disk caused is explained by ``failures``, the result by ``summary``.
+modality, compile for the backend, verify every presence pattern against the fp32 PyTorch model, record golden inputs
+and answers for ``python -m ume_edge.verify`` (``verification_record``), then publish the engine directory
+(``engine_dir.staged``): a failed or interrupted build leaves ``--out`` as it was. What was asked is checked first
+(``options``); a failure the disk caused is explained by ``failures``, the result by ``summary``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ume_edge.build.failures import write_failure
 from ume_edge.build.options import BuildOptions, check_options, resolve_backend
 from ume_edge.build.progress import note, stage
 from ume_edge.build.quantize import Quantizer
+from ume_edge.build.verification_record import write_record
 from ume_edge.constants import DEFAULT_PRECISION, default_engines_dir
 from ume_edge.errors import BuildError, EngineMismatch
 from ume_edge.fusion import FusionParams, fusion_graph
@@ -194,9 +196,12 @@ def build(options: BuildOptions) -> Path:
     with engine_dir.staged(out, lambda error, staging: write_failure(error, staging, out,
                                                                      "or choose another --out")) as staging:
         manifest = _run_stages(model, options, backend, backend_options, calib, evaluation, staging, sha256)
-        stage(6, STAGES, f"writing {out}")
+        stage(6, STAGES, f"recording the golden inputs and answers (python -m ume_edge.verify), writing {out}")
         engine_dir.save(staging, manifest)
         shutil.rmtree(staging / "work")
+        manifest.verification = write_record(model, evaluation.inputs, evaluation.spec, staging, manifest,
+                                             options.threads)
+        engine_dir.save(staging, manifest)
     return out
 
 

@@ -38,6 +38,7 @@ from ume_edge.engine_dir.schema import (
                                             Manifest,
                                             ModalityRecord,
                                             ModelRecord,
+                                            VerificationRecord,
                                             format_reference,
                                             parse_manifest,
 )
@@ -55,7 +56,8 @@ from ume_edge.errors import EngineMismatch
 
 __all__ = ["BACKEND_NAMES", "FORMAT", "MANIFEST_FILE", "REBUILD_HINT", "SCHEMA_VERSION", "STAGING_MARKER",
            "EngineMismatch", "FileRecord", "FusionRecord", "InterruptedAfterPublish", "Manifest", "ModalityRecord",
-           "ModelRecord", "check_onnx_files", "check_replaceable", "discard", "exchange", "file_sha256",
+           "ModelRecord", "VerificationRecord",
+           "check_onnx_files", "check_replaceable", "discard", "exchange", "file_sha256",
            "format_reference", "index_range", "inside", "load", "make_staging", "parse_manifest", "pid_alive",
            "publish", "publish_holding_interrupt", "read_manifest", "record_file", "remove_stale_staging", "save",
            "staged"]

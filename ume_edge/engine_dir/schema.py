@@ -13,7 +13,8 @@ from ume_edge.constants import INPUT_DTYPES, PRECISIONS
 from ume_edge.errors import EngineMismatch
 
 FORMAT = "ume-edge-engine-directory"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (2, 3)  # 3 added ``verification``; a version-2 directory reads as one without a record
 MANIFEST_FILE = "manifest.json"
 STAGING_MARKER = ".ume-edge-staging"
 FUSION_MODES = ("ume", "mma")
@@ -89,11 +90,33 @@ class FusionRecord:
 
 
 @dataclass
+class VerificationRecord:
+    """The golden inputs and the answers any deployment of these engines must reproduce (``python -m ume_edge.verify``,
+    docs/verify.md)."""
+
+    file: FileRecord = _doc("`verification.npz`: per modality the golden inputs (`input/<modality>`, R rows), per "
+                            "presence pattern the fp32 PyTorch logits (`fp32/<pattern>`) and the engines' logits "
+                            "(`engines/<pattern>`), per modality the engine's partial logits (`partial/<modality>`)")
+    rows: int = _doc("R, the golden rows; every presence pattern is run on all of them")
+    source: str = _doc("where the golden rows come from (the evaluation data and which rows)")
+    engines_run_by: str = _doc("what produced the recorded engine answers: the engines themselves, or (export-only) "
+                               "ONNX Runtime on the files the target builds its engines from")
+    measured_vs_fp32: dict[str, float] = _doc("per pattern, the largest |engines - fp32| logit at build time")
+    tolerance_vs_build: float = _doc("largest |Δlogit| allowed between a deployment and the recorded engine answers")
+    tolerance_vs_fp32: dict[str, float] = _doc("per pattern, largest |Δlogit| allowed between a deployment and fp32: "
+                                               "measured_vs_fp32 + tolerance_vs_build")
+    how: str = _doc("how the tolerances were chosen, in words")
+    checks: list[dict] = _doc("checks recorded later (`build --adopt`): where, when, the verdict and the measured "
+                              "numbers, and whether a failure was accepted", default_factory=list)
+
+
+@dataclass
 class Manifest:
     """``manifest.json``."""
 
     format: str = _doc(f"always `{FORMAT}`")
-    schema_version: int = _doc(f"{SCHEMA_VERSION}; a directory of another version is refused, never guessed at")
+    schema_version: int = _doc(f"{SCHEMA_VERSION}; version 2 (no `verification`) is read as well, any other is "
+                               "refused, never guessed at")
     model: ModelRecord = _doc("the trained model")
     backend: str = _doc("the runtime the engines are for: `onnxruntime` or `tensorrt`")
     precision: str = _doc("the precision the build was asked for")
@@ -116,6 +139,8 @@ class Manifest:
     tensorrt_rules: dict[str, list[str]] = _doc("per modality, how its TensorRT-target file breaks TensorRT's Q/DQ "
                                                 "rules (empty when it follows them)", default_factory=dict)
     built_at: str = _doc("local time of the build, ISO 8601", default="")
+    verification: VerificationRecord | None = _doc("the verification record; null for a directory built before "
+                                                   "ume-edge 0.3 (schema version 2)", default=None)
 
     @property
     def modality_names(self) -> list[str]:
@@ -130,6 +155,8 @@ class Manifest:
                    for key in ("engine", "onnx", "calibration")}
         records.update({f"fusion.{key}": getattr(self.fusion, key) for key in ("engine", "onnx")})
         records.update({f"scripts[{name}]": record for name, record in self.scripts.items()})
+        if self.verification is not None:
+            records["verification.file"] = self.verification.file
         return {where: record for where, record in records.items() if record is not None}
 
     def declared_files(self) -> set[str]:
@@ -236,12 +263,16 @@ def parse_manifest(data, source: str = MANIFEST_FILE) -> Manifest:
     """A ``Manifest`` from parsed JSON; ``EngineMismatch`` naming the first field that is wrong."""
     if not isinstance(data, dict):
         raise EngineMismatch(f"{source} is not a JSON object; {REBUILD_HINT}")
-    if data.get("format") != FORMAT or data.get("schema_version") != SCHEMA_VERSION:
+    if data.get("format") != FORMAT or data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         found = f"format {data.get('format')!r}, schema version {data.get('schema_version')!r}"
-        raise EngineMismatch(f"{source}: {found}; this ume-edge reads {FORMAT} version {SCHEMA_VERSION}. "
-                             f"Rebuild it with this version of `python -m ume_edge.build`")
+        raise EngineMismatch(f"{source}: {found}; this ume-edge reads {FORMAT} versions "
+                             f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}. Rebuild it with this version of "
+                             "`python -m ume_edge.build`")
+    if data["schema_version"] < SCHEMA_VERSION and "verification" in data:
+        raise EngineMismatch(f"{source}: schema version {data['schema_version']} has no verification record, yet "
+                             f"this one has; the manifest was edited or damaged, {REBUILD_HINT}")
     try:
-        manifest = _parse_record(Manifest, data, "")
+        manifest = _parse_record(Manifest, {**data, "schema_version": SCHEMA_VERSION}, "")
         _check_values(manifest)
     except _Invalid as error:
         raise EngineMismatch(f"{source}: {error}; the manifest was edited or damaged, {REBUILD_HINT}") from None
@@ -271,7 +302,7 @@ def engine_file(record: ModalityRecord | FusionRecord) -> FileRecord:
 def format_reference() -> str:
     """The manifest's fields, as Markdown tables, one per record."""
     lines = []
-    for cls in (Manifest, ModelRecord, ModalityRecord, FusionRecord, FileRecord):
+    for cls in (Manifest, ModelRecord, ModalityRecord, FusionRecord, VerificationRecord, FileRecord):
         hints = typing.get_type_hints(cls)
         lines += [f"### `{cls.__name__}`", "", _markdown((cls.__doc__ or "").strip()), "", "| field | type | meaning |",
                   "|---|---|---|"]
