@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from fake_trtexec import H100, ORIN, install_trtexec, path_with, trtexec_calls
+from fake_trtexec import H100, ORIN, install_trtexec, parse_plan, path_with, serialize_plan, trtexec_calls
 from onnx import numpy_helper
 from trt_fakes import batches_run, install
 
@@ -282,10 +282,37 @@ def test_the_jetson_route_ends_in_a_directory_that_answers_like_its_onnx(exporte
     assert manifest.device == {"kind": "gpu", "gpu_name": "Orin", "compute_capability": "8.7", "tensorrt": release,
                                "dla_core": 1, "hardware_compatible": False, "version_compatible": False}
     assert manifest.versions["tensorrt"] == release
+    check = manifest.verification.checks[-1]
+    assert check["where"] == "build --adopt" and check["holds"] and not check["accepted"]
     with Pipeline.load(directory) as pipeline:
         assert_answers_like_its_onnx(pipeline, directory, samples)
     assert {run["dla_core"] for run in trt.runs if run["inputs"] == ["audio"]} == {1}
     assert set(cuda.alive().values()) == {0}
+
+
+def test_adopt_refuses_plans_that_answer_otherwise_unless_the_numbers_are_accepted(exported_for_dla, tmp_path,
+                                                                                     monkeypatch):
+    """A plan built another way (here: a stand-in plan whose head computes 5% larger logits) passes every shape check;
+    only the verification record tells."""
+    directory = shutil.copytree(exported_for_dla, tmp_path / "engines")
+    install_trtexec(tmp_path / "bin", "10.3.0", ORIN)
+    subprocess.run(["sh", str(directory / "build_plans_trt10.sh")], check=True, capture_output=True,
+                   env={"PATH": path_with(tmp_path / "bin")}, timeout=120)
+    header, onnx_bytes = parse_plan((directory / "image.plan").read_bytes())
+    model = onnx.load_from_string(onnx_bytes)
+    head = next(init for init in model.graph.initializer if init.name == "head.weight")
+    head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) * np.float32(1.05), head.name))
+    (directory / "image.plan").write_bytes(serialize_plan(header, model.SerializeToString()))
+    install(monkeypatch, "10.3", "10.3.0", ORIN)
+
+    with pytest.raises(BuildError, match="do not answer what the build recorded: FAILED: the image engine differ"):
+        adopt(directory)
+    assert engine_dir.load(directory).export_only  # nothing was published
+
+    build_main(["--adopt", str(directory), "--accept-verification"])
+    check = engine_dir.load(directory).verification.checks[-1]
+    assert not check["holds"] and check["accepted"]
+    assert {row["pattern"] for row in check["rows"] if not row["holds"]} == {"image", "audio+image"}
 
 
 # ---------------------------------------------------------------- without TensorRT

@@ -1,6 +1,8 @@
 """``python -m ume_edge.build --adopt DIR``: an export-only directory whose engines were built on the target (by its
 ``build_plans_*.sh`` script) becomes an engine directory that ``Pipeline.load`` accepts. Each engine is loaded with
-the local runtime, checked against the manifest, and recorded with its hash and the device it runs on."""
+the local runtime, checked against the manifest, and recorded with its hash and the device it runs on. The adopted
+engines then run the directory's verification record (``ume_edge.verify``): plans that answer differently from what
+the build recorded are refused unless the user accepts the measured numbers; either way they go into the manifest."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from ume_edge.build.progress import note
 from ume_edge.errors import BackendUnavailable, BuildError
 
 
-def adopt(directory: Path) -> Path:
+def adopt(directory: Path, accept_verification: bool = False) -> Path:
     manifest = engine_dir.load(directory)
     if not manifest.export_only:
         raise BuildError(f"{directory} already holds engines (it was not written with --export-only); nothing to adopt")
@@ -39,4 +41,28 @@ def adopt(directory: Path) -> Path:
         manifest.accuracy["engines_run_by"] += f"; engines built on the target and adopted {time.strftime('%Y-%m-%d')}"
         engine_dir.save(staging, manifest)
         engine_dir.load(staging)
+        if manifest.verification is not None:
+            _verify_adopted(staging, manifest, accept_verification)
+            engine_dir.save(staging, manifest)
+        else:
+            note(f"{directory} has no verification record (written before ume-edge 0.3): the adopted engines were "
+                 "checked for shapes only")
     return directory
+
+
+def _verify_adopted(staging: Path, manifest: engine_dir.Manifest, accept: bool) -> None:
+    """Run the record on the adopted engines; refuse them when they fail, unless ``accept``; record the numbers."""
+    from ume_edge.verify import check_here
+
+    assert manifest.verification is not None
+    verdict = check_here(staging, manifest)
+    manifest.verification.checks.append({
+        "where": "build --adopt", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": manifest.device,
+        "accepted": accept and not verdict.holds, **verdict.to_json()})
+    note(f"verification of the adopted engines: {verdict.message}")
+    if not verdict.holds and not accept:
+        worst = {row.pattern: round(row.vs_build, 4) for row in verdict.rows if not row.holds}
+        raise BuildError(f"the adopted engines do not answer what the build recorded: {verdict.message}; "
+                         f"failing |Δlogit| {worst}. Rebuild the plans with the directory's script (same "
+                         "precision flags, its calibration cache), or, if these numbers are acceptable, adopt again "
+                         "with --accept-verification (they are then recorded in the manifest)")
