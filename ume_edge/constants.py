@@ -32,7 +32,8 @@ DEFAULT_METRICS_PORT = 8002
 # adds latency at low load, and requests that queue while a batch runs are batched anyway.
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the checkout, in an editable install; site-packages otherwise
+# The checkout, for tests and tools only: installed, this is site-packages, so nothing in ume_edge/ uses it.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_MODEL_NAME = "avdigits"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ume_edge import backends, engine_dir
 from ume_edge.backends.base import BackendOptions
-from ume_edge.build.inputs import DEFAULT_CALIB
+from ume_edge.build.inputs import DEFAULT_CALIB, TorchMissing, require_torch
 from ume_edge.build.options import BuildOptions
 from ume_edge.build.quantize import CALIB_METHODS
 from ume_edge.build.stages import build
@@ -21,7 +21,6 @@ from ume_edge.constants import (
     DEFAULT_MAX_DROP,
     DEFAULT_PRECISION,
     PRECISIONS,
-    PROJECT_ROOT,
 )
 from ume_edge.errors import UmeEdgeError
 
@@ -45,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="engine precision; INT8 falls back per modality when it costs more than --max-drop")
     parser.add_argument("--backend", choices=("auto", *backends.NAMES), default="auto",
                         help="auto: TensorRT when it is importable and a CUDA GPU is present, else ONNX Runtime")
-    parser.add_argument("--calib-data", help="NPZ with one array per modality (default: "
-                                             f"{DEFAULT_CALIB.relative_to(PROJECT_ROOT)}); or NAME:SPLIT of a shipped "
-                                             "data set")
+    parser.add_argument("--calib-data", help="NPZ with one array per modality, or NAME:SPLIT of a shipped data "
+                                             f"set (default: {DEFAULT_CALIB}, the calibration split shipped with "
+                                             "ume-edge)")
     parser.add_argument("--eval-data", help="NPZ with one array per modality and `labels` when known (default: "
                                             "avdigits:val for a model trained on AV-Digits, else the calibration data)")
     parser.add_argument("--calib-method", choices=CALIB_METHODS, default=DEFAULT_CALIB_METHOD,
@@ -64,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--adopt", type=Path, metavar="DIR",
                         help="make an export-only DIR whose scripts built the plans here into an engine directory "
                              "(default: build instead)")
+    parser.add_argument("--accept-verification", action="store_true",
+                        help="with --adopt: publish even when the adopted engines do not answer what the build "
+                             "recorded (python -m ume_edge.verify); the measured numbers go into the manifest")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads for verification (default: all cores)")
     parser.add_argument("--allow-chance-accuracy", action="store_true",
                         help="build even when the fp32 model is no better than chance on the evaluation data")
@@ -73,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _encoder_name(text: str) -> str:
+    try:
+        require_torch("--trust-encoder")
+    except TorchMissing as missing:
+        raise argparse.ArgumentTypeError(str(missing)) from None
     from ume_edge.model import ENCODER_NAME  # torch: only when the option is used, so --help stays quick
 
     if not ENCODER_NAME.fullmatch(text):
@@ -111,7 +117,7 @@ def main(argv=None) -> None:
         if args.adopt is not None:
             from ume_edge.build.adopt import adopt
 
-            published = adopt(args.adopt)
+            published = adopt(args.adopt, args.accept_verification)
         else:
             published = build(_options(parser, args, argv))
         summary = format_summary(engine_dir.load(published), published, time.perf_counter() - started)

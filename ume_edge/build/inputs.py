@@ -10,13 +10,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ume_edge.constants import PROJECT_ROOT, REFERENCE_MODEL_NAME
+from ume_edge.cli import missing_extra
+from ume_edge.constants import REFERENCE_MODEL_NAME
 from ume_edge.errors import BuildError
 
-DEFAULT_CALIB = PROJECT_ROOT / "calibrate" / "avdigits.npz"
+DEFAULT_CALIB = f"{REFERENCE_MODEL_NAME}:calib"  # the calibration split of the data set shipped in the package
 MIN_CALIB_SAMPLES = 16
 FEW_EVAL_SAMPLES = 200  # below this a pattern's score moves by several points from one draw of data to the next
-CALIB_HINT = "see calibrate/README.md for the format"
+CALIB_HINT = "give an .npz with one array per modality, named as the model's modalities, first axis the sample"
+
+
+class TorchMissing(BuildError):
+    """Building engines needs PyTorch (the ``build`` extra), and it is not installed."""
+
+
+def require_torch(doing: str = "building engines") -> None:
+    """Raise ``TorchMissing``, one line naming the extra to install, when PyTorch is not installed."""
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError as error:
+        message = missing_extra(error, doing)
+        if message is None:
+            raise
+        raise TorchMissing(message) from None
 
 
 @dataclass
@@ -35,6 +51,7 @@ class DataSet:
 def load_model(spec: str | None, trusted_encoders: Iterable[str] = ()):
     """The shipped reference model, a checkpoint of ``ume_edge.train``, or ``path/to/file.py:factory``. A
     checkpoint's encoders must be ume-edge's own or in ``trusted_encoders`` (``--trust-encoder``)."""
+    require_torch()
     from ume_edge.model import CheckpointRefused, UMEModel, UntrustedEncoder, load_reference
 
     if spec is None:
@@ -138,7 +155,7 @@ def _checked_labels(model, data: DataSet, role: str, rows: int) -> np.ndarray | 
 
 
 def calibration_spec(calib_data: str | None) -> str:
-    return calib_data or str(DEFAULT_CALIB)
+    return calib_data or DEFAULT_CALIB
 
 
 def evaluation_spec(model, eval_data: str | None, calib_data: str | None) -> str:
