@@ -305,7 +305,7 @@ def test_adopt_refuses_plans_that_answer_otherwise_unless_the_numbers_are_accept
     (directory / "image.plan").write_bytes(serialize_plan(header, model.SerializeToString()))
     install(monkeypatch, "10.3", "10.3.0", ORIN)
 
-    with pytest.raises(BuildError, match="do not answer what the build recorded: FAILED: the image engine differ"):
+    with pytest.raises(BuildError, match="do not answer what the build recorded: FAILED: the image engine differs"):
         adopt(directory)
     assert engine_dir.load(directory).export_only  # nothing was published
 

@@ -55,7 +55,7 @@ def test_an_engine_changed_numerically_fails_naming_its_modality(int8_engines, t
     result = verify(changed, "--json", tmp_path / "verdict.json")
     assert result.returncode == 1, result.stdout + result.stderr
     verdict = result.stdout.strip().splitlines()[-1]
-    assert verdict.startswith("FAILED: the image engine differ") and "audio+image, image fail" in verdict
+    assert verdict.startswith("FAILED: the image engine differs") and "audio+image, image fail" in verdict
     rows = json.loads((tmp_path / "verdict.json").read_text())["rows"]
     failing = {(row["route"], row["pattern"]) for row in rows if not row["holds"]}
     assert failing == {("encoder", "image")} | {(route, pattern) for route in verification.ROUTES
@@ -110,7 +110,7 @@ def test_a_served_deployment_of_a_changed_directory_fails(int8_engines, tmp_path
     with ServeProcess(changed, Endpoints("127.0.0.1", *free_ports(3))) as server:
         served = verify(int8_engines, "--url", server.grpc_url, "--json", tmp_path / "verdict.json")
     assert served.returncode == 1, served.stdout + served.stderr
-    assert served.stdout.strip().splitlines()[-1].startswith("FAILED: the image engine differ")
+    assert served.stdout.strip().splitlines()[-1].startswith("FAILED: the image engine differs")
     rows = json.loads((tmp_path / "verdict.json").read_text())["rows"]
     assert {row["route"] for row in rows} == set(verification.ROUTES)  # a server shows no encoder on its own
     assert {row["pattern"] for row in rows if not row["holds"]} == {"audio+image", "image"}

@@ -235,8 +235,8 @@ def _verdict_message(rows: list[Row]) -> str:
     suspects = encoders or _common_modalities(patterns, [row.pattern for row in rows if row.holds
                                                           and row.route != "encoder"])
     worst = max(failed, key=lambda row: row.vs_build / row.tolerance_vs_build)
-    culprit = f"the {' and '.join(suspects)} engine{'s' if len(suspects) > 1 else ''} differ" if suspects else \
-        "the engines differ"
+    culprit = (f"the {' and '.join(suspects)} engine{'s differ' if len(suspects) > 1 else ' differs'}" if suspects
+               else "the engines differ")
     return (f"FAILED: {culprit} from the build; patterns {', '.join(patterns) or '(none)'} fail (worst: {worst.route} "
             f"{worst.pattern}, |Δlogit| {worst.vs_build:.3g} against the build, {worst.tolerance_vs_build:.3g} "
             f"allowed)")
