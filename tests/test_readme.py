@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 TEXT = README.read_text()
 
-SETUP = ("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e '.[serve,dev]' "
+SETUP = ("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e '.[build,serve,dev]' "
          "&& python -m ume_edge.build --precision int8")
 TESTS = ". .venv/bin/activate && python -m pytest"
 

@@ -1,3 +1,3 @@
 """ume-edge: deploy UME-MMA multi-modal models, robust to missing modalities, on edge and datacenter GPUs."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
