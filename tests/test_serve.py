@@ -99,6 +99,7 @@ def _metric_reaching(server, name, model, target, timeout_s=10.0):
 def test_serving_modules_do_not_import_torch():
     code = ("import sys\nimport ume_edge.serve, ume_edge.client, ume_edge.triton_repo, ume_edge.sync\n"
             "import ume_edge.serving.python_backend, ume_edge.serving.pytriton, ume_edge.serving.watchdog\n"
+            "import ume_edge.verify, ume_edge.verification, ume_edge.client.streaming\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
