@@ -8,7 +8,7 @@ from ume_edge import engine_dir
 from ume_edge.build import BuildOptions, build
 from ume_edge.build.inputs import DEFAULT_CALIB
 from ume_edge.build.qdq_rules import check_tensorrt_qdq
-from ume_edge.data import presence_patterns
+from ume_edge.data import avdigits, presence_patterns
 from ume_edge.errors import BuildError
 from ume_edge.runtime import Pipeline
 
@@ -42,7 +42,8 @@ def test_manifest_records_what_a_deployment_needs(int8_engines):
         assert m.dtype == "float32" and len(m.engine.sha256) == 64 and m.export_max_abs_diff < 1e-4
         assert m.gate[0]["method"] == "entropy" and m.quant_format == "U8S8"
     assert manifest.versions["onnxruntime"] and manifest.device["kind"] == "cpu"
-    assert manifest.calibration["data"] == str(DEFAULT_CALIB) and len(manifest.calibration["data_sha256"]) == 64
+    assert manifest.calibration["data"] == DEFAULT_CALIB == "avdigits:calib"
+    assert manifest.calibration["data_sha256"] == engine_dir.file_sha256(avdigits.DATA_FILE)
     assert set(manifest.accuracy["patterns"]) == {"audio+image", "audio", "image"}
 
 

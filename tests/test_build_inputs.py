@@ -11,14 +11,13 @@ import torch
 
 from ume_edge import engine_dir
 from ume_edge.build import BuildOptions, build, ensure_default_engines
-from ume_edge.build.inputs import DEFAULT_CALIB
+from ume_edge.build.inputs import DEFAULT_CALIB, read_data
 from ume_edge.build.stages import default_out
 from ume_edge.errors import BackendUnavailable, BuildError
 
 
 def _calib():
-    with np.load(DEFAULT_CALIB) as arrays:
-        return {name: arrays[name] for name in arrays.files if name != "labels"}
+    return read_data(DEFAULT_CALIB, "calibration").inputs
 
 
 def _npz(path, **arrays):

@@ -37,11 +37,13 @@ def require_torch(doing: str = "building engines") -> None:
 
 @dataclass
 class DataSet:
-    """Arrays per modality (equal row counts) and labels when known, with where they came from."""
+    """Arrays per modality (equal row counts) and labels when known, with where they came from: ``spec`` as given,
+    ``source_file`` the file read (for ``NAME:SPLIT``, the shipped data set's file), to hash in the manifest."""
 
     spec: str
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
+    source_file: Path | None = None
 
     @property
     def rows(self) -> int:
@@ -87,7 +89,7 @@ def read_data(spec: str | Path, role: str) -> DataSet:
     if ":" in text and not text.endswith(".npz") and not Path(text).exists():
         name, split = text.split(":", 1)
         try:
-            return DataSet(text, *load(name, split))
+            return DataSet(text, *load(name, split), source_file=_shipped_file(name))
         except ValueError as error:
             raise BuildError(f"{role} data {text}: {error}") from None
     path = Path(text)
@@ -102,7 +104,13 @@ def read_data(spec: str | Path, role: str) -> DataSet:
             labels = arrays["labels"] if "labels" in arrays.files else None
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise BuildError(f"{role} data {path} cannot be read ({_first_line(error)}); {CALIB_HINT}") from None
-    return DataSet(str(path), inputs, labels)
+    return DataSet(str(path), inputs, labels, source_file=path)
+
+
+def _shipped_file(name: str) -> Path | None:
+    from ume_edge.data import avdigits
+
+    return avdigits.DATA_FILE if name == "avdigits" else None
 
 
 def check_data(model, data: DataSet, role: str) -> DataSet:
@@ -115,7 +123,7 @@ def check_data(model, data: DataSet, role: str) -> DataSet:
     count = next(iter(rows.values()))
     if count == 0:
         raise BuildError(f"{role} data {data.spec} has no rows; give at least {MIN_CALIB_SAMPLES} samples")
-    return DataSet(data.spec, checked, _checked_labels(model, data, role, count))
+    return DataSet(data.spec, checked, _checked_labels(model, data, role, count), data.source_file)
 
 
 def _checked_array(modality, data: DataSet, role: str) -> np.ndarray:

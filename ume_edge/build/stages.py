@@ -133,9 +133,9 @@ def _run_stages(model, options: BuildOptions, backend: Backend[Any], backend_opt
 
 
 def _calibration_info(calib: inputs.DataSet, options: BuildOptions) -> dict:
-    path = Path(calib.spec)
+    path = calib.source_file
     return {"method": options.calib_method, "data": calib.spec, "samples": calib.rows,
-            "data_sha256": engine_dir.file_sha256(path) if path.is_file() else None}
+            "data_sha256": engine_dir.file_sha256(path) if path is not None else None}
 
 
 def _record(staging: Path, path: Path | None) -> engine_dir.FileRecord | None:
