@@ -45,6 +45,7 @@ NEEDS_TORCH = {
     "build": ["-m", "ume_edge.build"],
     "ume-edge build": ["-m", "ume_edge", "build"],
     "ume-edge train": ["-m", "ume_edge", "train"],
+    "python -m ume_edge.train": ["-m", "ume_edge.train"],
     "ume-edge serve": ["-m", "ume_edge", "serve"],
     "ume-edge triton-repo": ["-m", "ume_edge", "triton-repo", "--out", "repo"],
 }
@@ -58,7 +59,7 @@ def test_a_command_that_needs_torch_names_the_extra_in_one_line(command, tmp_pat
     result = subprocess.run([sys.executable, *NEEDS_TORCH[command]], capture_output=True, text=True, timeout=120,
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2, result.stderr
-    doing = "ume-edge train" if command == "ume-edge train" else "building engines"
+    doing = command if "train" in command else "building engines"
     assert result.stderr.splitlines()[-1] == (f"error: {doing} needs PyTorch, which is not installed: "
                                               "pip install 'ume-edge[build]'")
     assert "Traceback" not in result.stderr

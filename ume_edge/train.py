@@ -15,8 +15,16 @@ import time
 from dataclasses import asdict, fields, replace
 
 import numpy as np
-import torch
-from torch import nn
+
+try:
+    import torch
+    from torch import nn
+except ModuleNotFoundError as missing:  # `python -m ume_edge.train` without the [build] extra: one line, no traceback
+    if __name__ != "__main__" or missing.name != "torch":
+        raise
+    print("error: python -m ume_edge.train needs PyTorch, which is not installed: pip install 'ume-edge[build]'",
+          file=sys.stderr)
+    sys.exit(2)
 
 from ume_edge.cli_common import show_progress
 from ume_edge.data import load, pattern_key, presence_patterns
