@@ -1,11 +1,16 @@
-"""``ume_edge.sync.SensorSync``: grouping readings into frames, deadlines, and readings it must drop."""
+"""``ume_edge.sync.SensorSync``: grouping readings into frames, deadlines, readings it must drop, the policies
+(hold-last, required, offsets, the bound on open frames) and the statistics."""
 
+import gc
 import math
+import random
+import sys
 import threading
+import tracemalloc
 
 import pytest
 
-from ume_edge.sync import SensorSync
+from ume_edge.sync import DEFAULT_MAX_OPEN, SensorSync
 
 MODALITIES = ["audio", "image"]
 
@@ -203,3 +208,193 @@ def test_pushes_from_several_threads_lose_nothing_uncounted():
     assert len(readings) == len(set(readings))
     assert len(readings) + sum(sync.dropped.values()) == pushed * len(sync.modalities)
     assert all(frame.present for frame in frames)
+
+
+def _stats_add_up(stats):
+    for name, sensor in stats["modalities"].items():
+        assert sensor["received"] == sensor["included"] + sensor["pending"] + sum(sensor["dropped"].values()), name
+
+
+def test_hold_last_reuses_a_reading_no_older_than_max_age(clock):
+    sync = SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock, max_age_ms={"audio": 120})
+    (first,) = sync.push("image", 1.0, "i0") + sync.push("audio", 1.0, "a0")
+    assert first.held == ()
+    sync.push("image", 1.1, "i1")
+    clock.advance_ms(30)
+    (within,) = sync.poll()
+    assert within.inputs == {"audio": "a0", "image": "i1"}
+    assert within.held == ("audio",) and within.present == ("audio", "image")
+    sync.push("image", 1.2, "i2")  # 200 ms after the audio reading
+    clock.advance_ms(30)
+    (beyond,) = sync.poll()
+    assert beyond.inputs == {"audio": None, "image": "i2"} and beyond.held == ()
+    audio = sync.stats()["modalities"]["audio"]
+    assert (audio["received"], audio["included"], audio["held"]) == (1, 1, 1)
+
+
+def test_hold_last_lends_only_readings_that_have_left(clock):
+    sync = SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock, max_age_ms={"audio": 1000, "image": 1000})
+    sync.push("image", 1.00, "i0")
+    sync.push("audio", 1.05, "a1")  # a frame of its own, newer than the image's
+    clock.advance_ms(30)
+    older, newer = sync.poll()
+    assert older.inputs == {"audio": None, "image": "i0"} and older.held == ()
+    assert newer.inputs == {"audio": "a1", "image": "i0"} and newer.held == ("image",)
+
+
+def test_a_frame_without_a_required_modality_is_dropped_and_counted(clock):
+    sync = SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock, required=["image"])
+    sync.push("audio", 1.0, "a0")
+    clock.advance_ms(30)
+    assert sync.poll() == []
+    sync.push("image", 1.1, "i1")
+    clock.advance_ms(30)
+    (frame,) = sync.poll()
+    assert frame.inputs == {"audio": None, "image": "i1"}
+    stats = sync.stats()
+    assert stats["frames"] == {"emitted": 1, "evicted": 0, "open": 0, "dropped": {"required_missing": 1}}
+    assert stats["modalities"]["audio"]["dropped"]["required_missing"] == 1
+    assert stats["modalities"]["audio"]["included"] == 0
+    assert sync.dropped == dict.fromkeys(["stale", "out_of_order", "duplicate", "non_finite"], 0)
+    _stats_add_up(stats)
+
+
+def test_a_held_reading_satisfies_required(clock):
+    sync = SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock, required=["audio"],
+                      max_age_ms={"audio": 500})
+    sync.push("image", 1.0, "i0")
+    sync.push("audio", 1.0, "a0")
+    sync.push("image", 1.2, "i1")
+    clock.advance_ms(30)
+    (frame,) = sync.poll()
+    assert frame.inputs == {"audio": "a0", "image": "i1"} and frame.held == ("audio",)
+
+
+def test_an_offset_moves_a_late_sensor_into_its_frames(clock):
+    late_audio = [(1.0 + 0.1 * step, 1.05 + 0.1 * step) for step in range(3)]  # audio stamped 50 ms late
+    plain = SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock)
+    shifted = SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock, offset_ms={"audio": -50})
+    frames = {id(plain): [], id(shifted): []}
+    for sync in (plain, shifted):
+        for image_stamp, audio_stamp in late_audio:
+            frames[id(sync)] += sync.push("image", image_stamp, "i") + sync.push("audio", audio_stamp, "a")
+        frames[id(sync)] += sync.flush()
+    assert [frame.present for frame in frames[id(plain)]] == [("image",), ("audio",)] * 3
+    assert [(frame.timestamp, frame.present) for frame in frames[id(shifted)]] == [
+        (pytest.approx(stamp), ("audio", "image")) for stamp, _ in late_audio]
+
+
+def test_policies_refuse_unknown_modalities_and_bad_values():
+    with pytest.raises(ValueError, match="required names unknown modalities \\['video'\\]"):
+        SensorSync(MODALITIES, deadline_ms=10, required=["video"])
+    with pytest.raises(ValueError, match="max_age_ms names unknown"):
+        SensorSync(MODALITIES, deadline_ms=10, max_age_ms={"video": 5})
+    with pytest.raises(ValueError, match="max_age_ms\\['audio'\\] must be a finite number >= 0"):
+        SensorSync(MODALITIES, deadline_ms=10, max_age_ms={"audio": -1})
+    with pytest.raises(ValueError, match="offset_ms\\['audio'\\] must be a finite number"):
+        SensorSync(MODALITIES, deadline_ms=10, offset_ms={"audio": math.nan})
+    with pytest.raises(ValueError, match="max_open"):
+        SensorSync(MODALITIES, deadline_ms=10, max_open=0)
+
+
+def test_max_open_evicts_the_oldest_frame_at_once(clock):
+    sync = SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock, max_open=3)
+    for step in range(3):
+        assert sync.push("image", 1.0 + 0.1 * step, f"i{step}") == []
+    (evicted,) = sync.push("image", 1.3, "i3")
+    assert evicted.timestamp == 1.0 and evicted.inputs == {"audio": None, "image": "i0"}
+    assert sync.stats()["frames"] == {"emitted": 1, "evicted": 1, "open": 3, "dropped": {"required_missing": 0}}
+    (complete,) = sync.push("audio", 1.3, "a3")[-1:]
+    assert complete.present == ("audio", "image")
+
+
+def test_the_default_bound_holds_with_a_silent_sensor_and_a_stalled_clock(clock):
+    sync = SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock)
+    emitted = [frame for step in range(DEFAULT_MAX_OPEN + 10) for frame in sync.push("image", step * 0.1, step)]
+    assert [frame.inputs["image"] for frame in emitted] == list(range(10))
+    assert sync.stats()["frames"]["open"] == DEFAULT_MAX_OPEN
+    assert sync.next_deadline() == pytest.approx(clock.now + 0.030)
+
+
+def test_age_at_emit_is_the_clock_time_since_the_reading_arrived(clock):
+    sync = SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock, max_age_ms={"audio": 1000})
+    sync.push("image", 1.0, "i0")
+    clock.advance_ms(5)
+    sync.push("audio", 1.0, "a0")  # completes the frame: the image waited 5 ms, the audio none
+    sync.push("image", 1.1, "i1")
+    clock.advance_ms(30)
+    sync.poll()  # the audio reading again, held: 30 ms after it arrived
+    ages = {name: sensor["age_ms"] for name, sensor in sync.stats()["modalities"].items()}
+    assert ages["image"] == {"p50": pytest.approx(5.0), "p99": pytest.approx(30.0)}  # nearest rank of [5, 30]
+    assert ages["audio"] == {"p50": pytest.approx(0.0, abs=1e-9), "p99": pytest.approx(30.0)}
+    assert SensorSync(MODALITIES, deadline_ms=30).stats()["modalities"]["audio"]["age_ms"] == {"p50": None,
+                                                                                               "p99": None}
+
+
+def test_statistics_add_up_on_a_messy_stream(clock):
+    rng = random.Random(18)
+    names = ["audio", "image", "lidar"]
+    sync = SensorSync(names, deadline_ms=25, window_ms=8, clock=clock, max_age_ms={"lidar": 60}, required=["image"],
+                      max_open=6, offset_ms={"audio": -3})
+    frames, pushes = [], 0
+    for step in range(3000):
+        stamp = step * 0.02 + rng.uniform(-0.004, 0.004)
+        for name in names:
+            if rng.random() < 0.25:
+                continue  # this reading is lost
+            if rng.random() < 0.05:
+                stamp = math.nan if rng.random() < 0.3 else stamp - rng.uniform(0, 0.2)  # broken or out of order
+            repeats = 2 if rng.random() < 0.05 else 1  # a duplicate now and then
+            for _ in range(repeats):
+                frames += sync.push(name, stamp, (name, step))
+                pushes += 1
+        clock.advance_ms(rng.choice([0, 5, 20, 40]))
+        frames += sync.poll()
+        if step % 500 == 0:
+            _stats_add_up(sync.stats())
+    frames += sync.flush()
+    stats = sync.stats()
+    _stats_add_up(stats)
+    sensors = stats["modalities"]
+    assert sum(sensor["received"] for sensor in sensors.values()) == pushes
+    assert all(sensor["pending"] == 0 for sensor in sensors.values())
+    assert stats["frames"]["emitted"] == len(frames) and stats["frames"]["open"] == 0
+    assert all(frame.inputs["image"] is not None for frame in frames)
+    for name in names:
+        fresh = sum(frame.inputs[name] is not None and name not in frame.held for frame in frames)
+        assert sensors[name]["included"] == fresh
+        assert sensors[name]["held"] == sum(name in frame.held for frame in frames)
+        reasons = {reason for reason, count in sensors[name]["dropped"].items() if count}
+        assert reasons == ({"stale", "out_of_order", "duplicate", "non_finite"} |
+                           ({"required_missing"} if name != "image" else set()))  # the stream hit every reason
+        assert 0 <= sensors[name]["age_ms"]["p50"] <= sensors[name]["age_ms"]["p99"]
+    assert sensors["lidar"]["held"] > 0 and stats["frames"]["evicted"] > 0
+    assert stats["frames"]["dropped"]["required_missing"] > 0
+    assert sync.dropped == {reason: sum(sensor["dropped"][reason] for sensor in sensors.values())
+                            for reason in sync.dropped}
+
+
+@pytest.mark.slow
+def test_a_million_pushes_with_a_silent_sensor_and_a_stalled_clock_stay_in_bounded_memory():
+    sync = SensorSync(MODALITIES, deadline_ms=30, window_ms=1, clock=lambda: 0.0)
+    push, reading = sync.push, object()
+    for step in range(10_000):  # the bound is reached: from here on, every push evicts a frame
+        push("image", step * 0.01, reading)
+    gc.collect()
+    blocks_before = sys.getallocatedblocks()
+    for step in range(10_000, 950_000):
+        push("image", step * 0.01, reading)
+    tracemalloc.start()
+    for step in range(950_000, 1_000_000):
+        push("image", step * 0.01, reading)
+    traced, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    gc.collect()
+    # What the last 50,000 pushes left allocated: the 64 open frames that replaced the earlier ones (about 90 KB);
+    # one object kept per push would be over 1 MB.
+    assert traced < 256 * 1024
+    assert sys.getallocatedblocks() - blocks_before < 5_000  # what the last 990,000 left, as the interpreter counts
+    stats = sync.stats()
+    assert stats["frames"] == {"emitted": 1_000_000 - DEFAULT_MAX_OPEN, "evicted": 1_000_000 - DEFAULT_MAX_OPEN,
+                               "open": DEFAULT_MAX_OPEN, "dropped": {"required_missing": 0}}
+    _stats_add_up(stats)
