@@ -180,7 +180,8 @@ class SensorSync:
             raise ValueError(f"{setting} names unknown modalities {unknown}; the modalities are "
                              f"{', '.join(self.modalities)}")
 
-    def _seconds_per_modality(self, setting: str, values_ms: Mapping[str, float], non_negative: bool) -> dict[str, float]:
+    def _seconds_per_modality(self, setting: str, values_ms: Mapping[str, float],
+                              non_negative: bool) -> dict[str, float]:
         self._check_known(setting, values_ms)
         for name, value in values_ms.items():
             if not math.isfinite(value) or (non_negative and value < 0):
