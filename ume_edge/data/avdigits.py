@@ -243,6 +243,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export-split", choices=SPLITS,
                         help="write one split as an NPZ of float32 model inputs and labels (the build's data format; "
                              "default: none)")
+    parser.add_argument("--export-recording", type=Path, metavar="PATH",
+                        help="write a split as a robot's recording (ROS 2 topics /image, /audio, /label; see "
+                             "ume_edge.recording.export) to replay with python -m ume_edge.client --recording PATH "
+                             "(default: none)")
+    parser.add_argument("--format", default="mcap", help="--export-recording's format: mcap, rosbag2-mcap or "
+                        "rosbag2-sqlite3")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="--export-recording's split")
+    parser.add_argument("--samples", type=int, default=None, help="--export-recording's first N samples "
+                        "(default: all)")
+    parser.add_argument("--drop", action="append", default=[], metavar="MODALITY=P",
+                        help="--export-recording leaves out each reading of MODALITY with probability P (default: "
+                             "none)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same file")
     parser.add_argument("--out", type=Path, default=DATA_FILE, help=f"output .npz (default: {DATA_FILE})")
     parser.add_argument("--workers", type=int, default=4, help="parallel espeak-ng processes")
@@ -254,11 +266,31 @@ def main(argv: list[str] | None = None) -> None:
         np.savez_compressed(out, **inputs, labels=labels)
         print(f"wrote {out}: {', '.join(f'{k} {list(v.shape)}' for k, v in inputs.items())}, labels")
         return
+    if args.export_recording:
+        _export_recording(parser, args)
+        return
     if not args.generate:
-        parser.error("nothing to do: pass --generate or --export-split SPLIT")
+        parser.error("nothing to do: pass --generate, --export-split SPLIT or --export-recording PATH")
     arrays = generate(args.seed, workers=args.workers)
     np.savez_compressed(args.out, **arrays)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+
+
+def _export_recording(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from ume_edge.recording.export import export_recording
+    from ume_edge.recording.reader import RecordingError
+
+    with np.load(DATA_FILE) as arrays:
+        inputs, labels = decode(arrays, args.split)
+    count = len(labels) if args.samples is None else args.samples
+    try:
+        drop = {name: float(p) for name, _, p in (item.partition("=") for item in args.drop)}
+        kept = export_recording(args.export_recording, {name: array[:count] for name, array in inputs.items()},
+                                labels[:count], args.format, drop, args.seed)
+    except (ValueError, RecordingError) as error:
+        parser.exit(2, f"error: {error}\n")
+    readings = ", ".join(f"{name} {int(present.sum())}/{count}" for name, present in kept.items())
+    print(f"wrote {args.export_recording} ({args.format}): readings {readings}, labels {count}")
 
 
 if __name__ == "__main__":

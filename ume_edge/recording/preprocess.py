@@ -1,0 +1,70 @@
+"""A user's preprocessing per modality (``--preprocess MODALITY=module:function``) and the check that what reaches
+the engine is what it takes.
+
+The function is named as ``package.module:function`` (imported) or ``path/to/file.py:function`` (loaded from that
+file). It is called with the decoded array (``ume_edge.recording.decoders``), or with the message itself when no
+decoder handles its type, and returns the engine's input for one sample (no batch axis), e.g. PCM to log-mel.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ume_edge.recording.reader import RecordingError
+
+Preprocess = Callable[[Any], np.ndarray]
+
+
+def load_preprocess(modality: str, spec: str) -> Preprocess:
+    """The function ``spec`` names; one line when it cannot be loaded."""
+    location, _, name = spec.rpartition(":")
+    if not location or not name:
+        raise RecordingError(f"--preprocess {modality}={spec}: expected module:function or file.py:function")
+    try:
+        module = _load_file(location) if location.endswith(".py") else importlib.import_module(location)
+        found = functools.reduce(getattr, name.split("."), module)
+    except (ImportError, AttributeError, FileNotFoundError, SyntaxError) as error:
+        raise RecordingError(f"--preprocess {modality}={spec}: cannot be loaded ({type(error).__name__}: "
+                             f"{error})") from None
+    if not callable(found):
+        raise RecordingError(f"--preprocess {modality}={spec}: {name} is a {type(found).__name__}, not a function")
+    return found
+
+
+def _load_file(location: str) -> Any:
+    path = Path(location)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    module_spec = importlib.util.spec_from_file_location(f"ume_user_preprocess_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"{path} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def apply(modality: str, spec: str, function: Preprocess, reading: Any) -> np.ndarray:
+    """The function's result as an array; one line naming the modality when it raises."""
+    try:
+        return np.asarray(function(reading))
+    except Exception as error:  # the user's code can raise anything; name it, the modality and the cause
+        raise RecordingError(f"--preprocess {modality}={spec} failed ({type(error).__name__}: {error})") from None
+
+
+def check_input(modality: str, array: np.ndarray, shape: list[int], dtype: np.dtype, preprocessed: bool) -> None:
+    """One line when ``array`` is not one sample of the engine input ``shape`` (batch axis first) and ``dtype``."""
+    wanted = tuple(shape[1:])
+    fits = len(wanted) == array.ndim and all(size in (-1, got) for size, got in zip(wanted, array.shape, strict=True))
+    if fits and array.dtype == dtype:
+        return
+    source = "the --preprocess function returned" if preprocessed else "the decoded reading is"
+    hint = "" if preprocessed else f"; convert it with --preprocess {modality}=module:function"
+    raise RecordingError(f"{modality}: the engine takes {np.dtype(dtype).name} {list(wanted)} per sample but {source} "
+                         f"{array.dtype.name} {list(array.shape)}{hint}")
