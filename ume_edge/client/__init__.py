@@ -11,6 +11,9 @@ it prints accuracy per presence pattern, latency p50/p90/p99 and throughput (``r
 entry model counted (``server_figures``). With ``--rate`` the requests leave in real time, when their frame was
 emitted; without it, as fast as ``--concurrency`` allows.
 
+``--recording PATH --topic MODALITY=TOPIC ...`` replays a robot's recording (an MCAP file or a rosbag2 folder) instead:
+its readings are decoded (``ume_edge.recording``) and go through the SensorSync on the recording's own clock.
+
 The data set and the ``--json`` path are checked before anything is sent (``dataset``, ``report.check_writable``):
 a file that is not a readable ``.npz``, no samples, modalities or labels of different lengths, or a ``--json`` path
 that cannot be written stop the client with one line (exit status 2). float64 inputs are sent as float32, what the

@@ -36,6 +36,17 @@ def _name_value(item: str, flag: str) -> tuple[str, float]:
     return name, value
 
 
+def parse_assignments(items: list[str] | None, flag: str, example: str) -> dict[str, str]:
+    """``["image=/camera/image"]`` -> ``{"image": "/camera/image"}`` (the value may itself contain ``=``)."""
+    pairs = {}
+    for item in items or []:
+        name, _, value = (part.strip() for part in item.partition("="))
+        if not name or not value:
+            raise ValueError(f"{flag} expects MODALITY=VALUE (e.g. {example}), got {item!r}")
+        pairs[name] = value
+    return pairs
+
+
 def default_metrics_url(url: str, given: str | None) -> str | None:
     if given is not None:
         return None if given == "none" else given
@@ -46,7 +57,8 @@ def default_metrics_url(url: str, given: str | None) -> str | None:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ume_edge.client",
-        description="Replay a data set as one stream per sensor against a Triton server (gRPC): the readings go "
+        description="Replay a data set, or a robot's recording, as one stream per sensor against a Triton server "
+                    "(gRPC): the readings go "
                     "through a SensorSync, and each frame it emits is one request, without the modalities that "
                     "dropped or missed the deadline; report accuracy per presence pattern, latency percentiles "
                     "and throughput.",
@@ -63,9 +75,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deadline-ms", type=float, default=None,
                         help="a frame leaves this long after its first reading arrived, with whatever arrived "
                              f"(default: {DEFAULT_DEADLINE_JITTERS:g} x the slowest sensor's mean delay, so only "
-                             "lost readings are waited for)")
-    parser.add_argument("--rate", type=float, default=None, help="samples per second, replayed in real time "
-                        "(default: samples far apart, requests as fast as --concurrency allows)")
+                             "lost readings are waited for; with --recording, one sample period of its readings)")
+    parser.add_argument("--rate", type=float, default=None, help="samples per second, replayed in real time; with "
+                        "--recording, times real time (1: as recorded, 0: as fast as possible) (default: samples far "
+                        "apart, requests as fast as --concurrency allows)")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at most (default 1)")
     parser.add_argument("--requests", type=int, default=None, help="requests to send (default: as many as the "
                         "split has samples; more cycles through it)")
@@ -85,7 +98,32 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics-url", default=None,
                         help="the server's metrics endpoint, to print what its entry model counted per presence "
                              "pattern (default: http://<host of --url>:8002/metrics; 'none' to skip)")
+    _add_recording_arguments(parser)
     return parser.parse_args(argv)
+
+
+def _add_recording_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recording", default=None, help="replay this MCAP file or rosbag2 folder (MCAP or sqlite3 "
+                        "storage) instead of a data set; needs pip install 'ume-edge[sensors]' (default: none)")
+    parser.add_argument("--topic", action="append", metavar="MODALITY=TOPIC",
+                        help="a recording's topic for one modality, e.g. image=/camera/image; once per modality "
+                             "(default: none)")
+    parser.add_argument("--label-topic", default=None, help="a recording's label topic (std_msgs Int32, UInt8 or "
+                        "String); a frame's label is the latest one at or before it (default: none, no accuracy)")
+    parser.add_argument("--time", choices=("header", "log"), default="header",
+                        help="a reading's timestamp: header.stamp where the message has one, or the log time "
+                             "(default: header)")
+    parser.add_argument("--loop", type=int, default=1, help="replay the recording this many times (default 1)")
+    parser.add_argument("--start", type=float, default=0.0,
+                        help="seconds into the recording to start from (default 0)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of the recording to replay (default: to the end)")
+    parser.add_argument("--preprocess", action="append", metavar="MODALITY=module:function",
+                        help="turn a decoded reading into the engine's input with your function (module:function "
+                             "or file.py:function); once per modality (default: none, readings sent as decoded)")
+    parser.add_argument("--audio-format", default=None,
+                        help="PCM layout of audio_common_msgs audio, FORMAT[:CHANNELS[:RATE]], e.g. S16LE:1:16000 "
+                             "(default: from the recording's AudioInfo topic)")
 
 
 def options_from_args(args: argparse.Namespace) -> ClientOptions:
@@ -95,7 +133,11 @@ def options_from_args(args: argparse.Namespace) -> ClientOptions:
         deadline_ms=args.deadline_ms, rate=args.rate, concurrency=args.concurrency, requests=args.requests,
         seed=args.seed, timeout_s=args.timeout_s, max_failures=args.max_failures, send_mask=args.send_mask,
         metrics_url=default_metrics_url(args.url, args.metrics_url), json_out=args.json_out,
-        progress=not args.no_progress,
+        progress=not args.no_progress, recording=args.recording,
+        topics=parse_assignments(args.topic, "--topic", "image=/camera/image"), label_topic=args.label_topic,
+        time=args.time, loop=args.loop, start_s=args.start, duration_s=args.duration,
+        preprocess=parse_assignments(args.preprocess, "--preprocess", "audio=my_audio:to_log_mel"),
+        audio_format=args.audio_format,
     )
 
 

@@ -10,9 +10,10 @@ DEFAULT_MAX_FAILURES = 10
 
 @dataclass(frozen=True)
 class ClientOptions:
-    """One replay of ``dataset``/``split`` against ``model`` at ``url``; the fields are the client's flags (see
-    ``python -m ume_edge.client --help``). ``requests=None`` sends one request per sample; ``rate=None`` sends as fast
-    as ``concurrency`` allows; ``metrics_url=None`` scrapes no server figures."""
+    """One replay of ``dataset``/``split`` (or of the ``recording``'s ``topics``, modality -> topic) against ``model``
+    at ``url``; the fields are the client's flags (see ``python -m ume_edge.client --help``). ``requests=None`` sends
+    one request per sample (per frame of a recording); ``rate=None`` sends as fast as ``concurrency`` allows;
+    ``metrics_url=None`` scrapes no server figures."""
 
     url: str = "localhost:8001"
     model: str = "ume"
@@ -31,13 +32,44 @@ class ClientOptions:
     metrics_url: str | None = None
     json_out: str | Path | None = None
     progress: bool = False
+    recording: str | Path | None = None
+    topics: dict[str, str] = field(default_factory=dict)
+    label_topic: str | None = None
+    time: str = "header"
+    loop: int = 1
+    start_s: float = 0.0
+    duration_s: float | None = None
+    preprocess: dict[str, str] = field(default_factory=dict)
+    audio_format: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
-        if self.rate is not None and self.rate <= 0:
+        if self.recording is not None:
+            self._check_recording()
+        elif self.rate is not None and self.rate <= 0:
             raise ValueError(f"--rate must be positive, got {self.rate}")
+        elif self.topics or self.label_topic or self.preprocess:
+            raise ValueError("--topic, --label-topic and --preprocess read a recording; give it with --recording")
         if not self.timeout_s > 0:
             raise ValueError(f"--timeout-s must be positive, got {self.timeout_s}")
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be 0 (never stop) or more, got {self.max_failures}")
+
+    def _check_recording(self) -> None:
+        if not self.topics:
+            raise ValueError("--recording needs at least one --topic MODALITY=TOPIC (e.g. --topic image=/image)")
+        if self.drop or self.jitter_ms:
+            raise ValueError("--drop and --jitter-ms simulate a data set's sensors; a recording replays its own "
+                             "readings (make one with missing readings: python -m ume_edge.data.avdigits "
+                             "--export-recording PATH --drop image=0.2)")
+        if self.rate is not None and not self.rate >= 0:
+            raise ValueError(f"--rate must be 0 (as fast as possible) or more with --recording, got {self.rate}")
+        if self.time not in ("header", "log"):
+            raise ValueError(f"--time must be header or log, got {self.time!r}")
+        if self.loop < 1:
+            raise ValueError(f"--loop must be at least 1, got {self.loop}")
+        if not self.start_s >= 0:
+            raise ValueError(f"--start must be 0 or more seconds, got {self.start_s}")
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise ValueError(f"--duration must be positive, got {self.duration_s}")

@@ -49,9 +49,11 @@ def summarize(result: StreamResult, labels: np.ndarray | None) -> dict:
 
 
 def _accuracy(outcomes: list[Outcome], labels: np.ndarray | None) -> float | None:
-    if labels is None or not outcomes:
+    """Over the outcomes whose label is known (a recording's frames before its first label have -1)."""
+    if labels is None:
         return None
-    return float(np.mean([o.label == labels[o.request.sample] for o in outcomes]))
+    known = [o for o in outcomes if labels[o.request.sample] >= 0]
+    return float(np.mean([o.label == labels[o.request.sample] for o in known])) if known else None
 
 
 def _per_pattern(outcomes: list[Outcome], labels: np.ndarray | None) -> dict[str, dict]:

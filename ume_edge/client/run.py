@@ -1,7 +1,8 @@
-"""``run_client``: one replay from the data set to the summary."""
+"""``run_client``: one replay from the data set (or the recording) to the summary."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,31 +11,85 @@ from ume_edge.client.dataset import read_data_set
 from ume_edge.client.options import ClientOptions
 from ume_edge.client.report import check_writable, summarize, write_json
 from ume_edge.client.server_figures import scrape, server_figures
-from ume_edge.client.simulation import UNPACED_PERIOD_S, SensorModel, SensorReplay
-from ume_edge.client.streaming import stream
+from ume_edge.client.simulation import UNPACED_PERIOD_S, ScheduledRequest, SensorModel, SensorReplay
+from ume_edge.client.streaming import model_input_specs, stream
+from ume_edge.constants import PRESENT
+
+
+@dataclass
+class _Plan:
+    """What to send: the requests, the arrays their ``sample`` indexes, the labels, and what the sync left out."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    requests: list[ScheduledRequest]
+    sync_dropped: dict[str, int]
+    settings: dict
 
 
 def run_client(options: ClientOptions) -> dict:
-    """Replay ``options.dataset``/``options.split`` against the server and return the summary dict (also written to
-    ``options.json_out`` when given). The data set and the ``--json`` path are checked before anything is sent."""
+    """Replay ``options.dataset``/``options.split`` (or ``options.recording``) against the server and return the
+    summary dict (also written to ``options.json_out`` when given). The data set or recording and the ``--json``
+    path are checked before anything is sent."""
     if options.json_out:
         check_writable(Path(options.json_out))
+    plan = _recording_plan(options) if options.recording is not None else _data_set_plan(options)
+    before = scrape(options.metrics_url, options.timeout_s, settle=True)
+    result = stream(options, plan.inputs, plan.requests)
+    summary = summarize(result, plan.labels)
+    after = None if result.interrupted else scrape(options.metrics_url, options.timeout_s, settle=before is not None)
+    summary["server"] = server_figures(before, after)
+    summary["sync_dropped"] = plan.sync_dropped
+    summary["settings"] = plan.settings
+    if options.json_out:
+        write_json(Path(options.json_out), summary)
+    return summary
+
+
+def _data_set_plan(options: ClientOptions) -> _Plan:
     inputs, labels = read_data_set(options.dataset, options.split)
     sensors = SensorModel(list(inputs), dict(options.drop), dict(options.jitter_ms), options.deadline_ms)
     samples = len(next(iter(inputs.values())))
     period_s = 1.0 / options.rate if options.rate else UNPACED_PERIOD_S
     replay = SensorReplay(sensors, samples, np.random.default_rng(options.seed), period_s)
     scheduled = replay.requests(samples if options.requests is None else options.requests)
-    before = scrape(options.metrics_url, options.timeout_s, settle=True)
-    result = stream(options, inputs, scheduled)
-    summary = summarize(result, labels)
-    after = None if result.interrupted else scrape(options.metrics_url, options.timeout_s, settle=before is not None)
-    summary["server"] = server_figures(before, after)
-    summary["sync_dropped"] = replay.sync.dropped
-    summary["settings"] = _settings(options, sensors)
-    if options.json_out:
-        write_json(Path(options.json_out), summary)
-    return summary
+    return _Plan(inputs, labels, scheduled, replay.sync.dropped, _settings(options, sensors))
+
+
+def _recording_plan(options: ClientOptions) -> _Plan:
+    """The recording's readings, checked against the model's inputs, through a SensorSync on the recording's clock."""
+    from tritonclient.utils import triton_to_np_dtype
+
+    from ume_edge.recording.preprocess import check_input
+    from ume_edge.recording.replay import RecordingSource, read_readings, replay
+
+    source = RecordingSource(str(options.recording), dict(options.topics), options.label_topic, options.time,
+                             options.start_s, options.duration_s, options.loop, dict(options.preprocess),
+                             options.audio_format)
+    readings = read_readings(source)
+    specs = model_input_specs(options)
+    missing = sorted(set(options.topics) - set(specs))
+    if missing:
+        raise ValueError(f"model {options.model!r} at {options.url} has no input {missing[0]!r} (it has "
+                         f"{', '.join(specs)}); name the modalities as the model does in --topic")
+    unmapped = sorted(set(specs) - set(options.topics) - {PRESENT})
+    if options.send_mask and unmapped:
+        raise ValueError(f"--send-mask sends every modality the model takes; give --topic {unmapped[0]}=TOPIC too")
+    for reading in readings.readings:
+        datatype, shape = specs[reading.modality]
+        check_input(reading.modality, reading.array, shape, np.dtype(triton_to_np_dtype(datatype)),
+                    reading.modality in readings.preprocessed)
+    replayed = replay(readings, list(options.topics), options.deadline_ms, options.rate or 0.0)
+    requests = replayed.requests if options.requests is None else replayed.requests[:options.requests]
+    settings = {"url": options.url, "model": options.model, "recording": str(options.recording),
+                "topics": dict(options.topics), "label_topic": options.label_topic, "time": options.time,
+                "rate": options.rate or 0.0, "loop": options.loop, "start_s": options.start_s,
+                "duration_s": options.duration_s, "preprocess": dict(options.preprocess),
+                "audio_format": options.audio_format, "deadline_ms": replayed.deadline_ms,
+                "window_ms": replayed.window_ms, "concurrency": options.concurrency, "timeout_s": options.timeout_s,
+                "max_failures": options.max_failures, "send_mask": options.send_mask,
+                "metrics_url": options.metrics_url}
+    return _Plan(replayed.inputs, replayed.labels, requests, replayed.sync_dropped, settings)
 
 
 def _settings(options: ClientOptions, sensors: SensorModel) -> dict:

@@ -85,6 +85,19 @@ def stream(options: ClientOptions, inputs: dict[str, np.ndarray], requests: list
         client.close()
 
 
+def model_input_specs(options: ClientOptions) -> dict[str, tuple[str, list[int]]]:
+    """Input name -> (Triton datatype, shape with the batch axis first), from the server's model metadata."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(options.url)
+    try:
+        metadata = client.get_model_metadata(options.model, as_json=True, client_timeout=options.timeout_s)
+    finally:
+        client.close()
+    return {tensor["name"]: (tensor["datatype"], [int(size) for size in tensor["shape"]])
+            for tensor in metadata["inputs"]}
+
+
 def _model_inputs(client: Any, model: str, timeout_s: float) -> dict[str, str]:
     """Input name -> Triton datatype, from the server's model metadata."""
     metadata = client.get_model_metadata(model, as_json=True, client_timeout=timeout_s)
