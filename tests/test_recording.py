@@ -280,3 +280,11 @@ def test_a_preprocess_that_returns_the_wrong_shape_is_one_line(server, recording
                        "--topic", "image=/image", "--preprocess", f"image={preprocess}:flatten")
     assert err == ("error: image: the engine takes float32 [1, 28, 28] per sample but the --preprocess function "
                    "returned float32 [784]\n")
+
+
+def test_a_missing_recording_library_is_one_line_naming_the_extra(recordings, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mcap_ros2.decoder", None)  # what an uninstalled package makes import raise
+    err = client_error(capsys, "--recording", str(recordings["mcap"][0]), "--topic", "image=/image")
+    assert "pip install 'ume-edge[sensors]'" in err
