@@ -1,0 +1,5 @@
+import sys
+
+from ume_edge.ros2.cli import main
+
+sys.exit(main())
