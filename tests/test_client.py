@@ -99,7 +99,8 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     entries = capsys.readouterr().out.split("options:")[1].split("\n  -")[1:]
-    assert len(entries) == 18 and any(entry.startswith("-max-failures") for entry in entries)
+    assert len(entries) == 27 and any(entry.startswith("-max-failures") for entry in entries)
+    assert any(entry.startswith("-recording") for entry in entries)
     for entry in entries:
         assert entry.startswith("h, --help") or "default" in entry, entry
 
