@@ -44,7 +44,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kubernetes", type=Path, default=None, metavar="DIR",
                         help="also write Kubernetes manifests into DIR: kserve.yaml (KServe InferenceService), "
                              "plain.yaml (Deployment, Services, ServiceMonitor, HPA, PDB) and, when the stock "
-                             "tritonserver image cannot load the repository, a Dockerfile (docs/deploy.md)")
+                             "tritonserver image cannot load the repository, a Dockerfile (docs/deploy.md; "
+                             "default: none)")
     parser.add_argument("--storage-uri", default=None,
                         help="where the cluster reads the repository --out, at its root: s3://, gs:// or "
                              f"pvc://CLAIM/PATH (default: pvc://{kubernetes.DEFAULT_CLAIM}/<--out's name>)")
