@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from ume_edge import triton_repo
 from ume_edge.build import BuildOptions, build
 from ume_edge.serving import ngc_releases
 
+yaml = pytest.importorskip("yaml")  # these three come with the dev extra
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
 
