@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent import futures
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     entries = capsys.readouterr().out.split("options:")[1].split("\n  -")[1:]
-    assert len(entries) == 27 and any(entry.startswith("-max-failures") for entry in entries)
+    assert len(entries) == 29 and any(entry.startswith("-max-failures") for entry in entries)
     assert any(entry.startswith("-recording") for entry in entries)
     for entry in entries:
         assert entry.startswith("h, --help") or "default" in entry, entry
@@ -258,6 +259,13 @@ def test_deadline_and_rate_leave_late_sensors_out(server):
     assert summary["late"].get("audio", 0) > 40
     assert summary["per_pattern"]["image"]["count"] >= summary["late"]["audio"]
     assert summary["wall_s"] >= 119 / 400.0  # the last sample is captured at 119 / 400 s
+    sensors = summary["sensors"]
+    for name, sensor in sensors["modalities"].items():
+        assert sensor["received"] == sensor["included"] + sensor["pending"] + sum(sensor["dropped"].values()), name
+    assert sensors["modalities"]["audio"]["dropped"]["stale"] > 40  # late readings: their frame had left
+    assert sensors["frames"]["emitted"] >= summary["requests"] and sensors["duration_s"] >= 119 / 400.0
+    table = format_report(summary).split("sensors:")[1]
+    assert "| audio |" in table and "| image |" in table and "readings/s" in table
 
 
 @pytest.mark.triton
@@ -268,6 +276,31 @@ def test_command_line_prints_the_report(server):
     assert "50/50 answered" in result.stdout and "p99" in result.stdout
     assert "[" in result.stderr and "50/50 requests" in result.stderr  # the progress bar
     assert "server (entry-model metrics)" not in result.stdout  # --url's host has no metrics on port 8002 here
+    assert "sensors:" in result.stdout and "| audio | - |" in result.stdout  # unpaced: no rate to tell
+
+
+@pytest.mark.triton
+def test_metrics_port_serves_the_sensor_figures_while_the_replay_runs(server):
+    """What a robot's Prometheus would scrape: ``ume_sensor_*`` by modality, from the replay's SensorSync."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    (port,) = free_ports(1)
+    client = subprocess.Popen([sys.executable, "-m", "ume_edge.client", "--url", server.grpc_url, "--requests", "300",
+                               "--rate", "100", "--drop", "image=0.5", "--metrics-port", str(port), "--no-progress",
+                               "--metrics-url", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    families = {}
+    deadline = time.monotonic() + 30
+    while not families and time.monotonic() < deadline and client.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                families = {f.name: f for f in parser.text_string_to_metric_families(response.read().decode())}
+        except OSError:
+            time.sleep(0.1)
+    stdout, stderr = client.communicate(timeout=60)
+    assert client.returncode == 0, stderr
+    received = {s.labels["modality"]: s.value for s in families["ume_sensor_readings_received"].samples
+                if s.name.endswith("_total")}
+    assert set(received) == {"audio", "image"} and received["audio"] > 0
+    assert "sensors:" in stdout and "| image |" in stdout
 
 
 @pytest.mark.triton

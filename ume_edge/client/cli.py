@@ -124,6 +124,10 @@ def _add_recording_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio-format", default=None,
                         help="PCM layout of audio_common_msgs audio, FORMAT[:CHANNELS[:RATE]], e.g. S16LE:1:16000 "
                              "(default: from the recording's AudioInfo topic)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve the sensors' figures (ume_sensor_*, by modality) as Prometheus metrics on this "
+                             "port while the replay runs; needs prometheus-client (default: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address the sensor metrics listen on (default 127.0.0.1)")
 
 
 def options_from_args(args: argparse.Namespace) -> ClientOptions:
@@ -137,7 +141,7 @@ def options_from_args(args: argparse.Namespace) -> ClientOptions:
         topics=parse_assignments(args.topic, "--topic", "image=/camera/image"), label_topic=args.label_topic,
         time=args.time, loop=args.loop, start_s=args.start, duration_s=args.duration,
         preprocess=parse_assignments(args.preprocess, "--preprocess", "audio=my_audio:to_log_mel"),
-        audio_format=args.audio_format,
+        audio_format=args.audio_format, sensor_metrics_port=args.metrics_port, sensor_metrics_host=args.metrics_host,
     )
 
 

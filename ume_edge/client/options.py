@@ -41,6 +41,8 @@ class ClientOptions:
     duration_s: float | None = None
     preprocess: dict[str, str] = field(default_factory=dict)
     audio_format: str | None = None
+    sensor_metrics_port: int | None = None
+    sensor_metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -55,6 +57,9 @@ class ClientOptions:
             raise ValueError(f"--timeout-s must be positive, got {self.timeout_s}")
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be 0 (never stop) or more, got {self.max_failures}")
+        if self.sensor_metrics_port is not None and not 0 <= self.sensor_metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be a port (0 to 65535; 0 picks a free one), got "
+                             f"{self.sensor_metrics_port}")
 
     def _check_recording(self) -> None:
         if not self.topics:

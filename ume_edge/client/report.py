@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ume_edge.client.sensor_health import sensor_table
 from ume_edge.client.server_figures import format_server_figures
 from ume_edge.client.streaming import Outcome, StreamResult
 from ume_edge.data import pattern_key
@@ -88,6 +89,9 @@ def format_report(summary: dict) -> str:
     lines += [f"error: {message}" for message in summary["error_examples"]]
     if summary["stopped"]:
         lines.append(summary["stopped"])
+    if summary.get("sensors"):
+        sensors = dict(summary["sensors"])
+        lines += ["", "sensors:", sensor_table(sensors, sensors.pop("duration_s"))]
     if summary.get("server"):
         lines += ["", *format_server_figures(summary["server"])]
     return "\n".join(lines)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,16 +17,21 @@ from ume_edge.client.server_figures import scrape, server_figures
 from ume_edge.client.simulation import UNPACED_PERIOD_S, ScheduledRequest, SensorModel, SensorReplay
 from ume_edge.client.streaming import model_input_specs, stream
 from ume_edge.constants import PRESENT
+from ume_edge.sync import SensorSync
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass
 class _Plan:
-    """What to send: the requests, the arrays their ``sample`` indexes, the labels, and what the sync left out."""
+    """What to send: the requests, the arrays their ``sample`` indexes, the labels, and the sync that made the frames
+    (over ``duration_s`` of sensor time)."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     requests: list[ScheduledRequest]
-    sync_dropped: dict[str, int]
+    sync: SensorSync
+    duration_s: float | None  # None: no sensor rate to tell
     settings: dict
 
 
@@ -35,15 +43,34 @@ def run_client(options: ClientOptions) -> dict:
         check_writable(Path(options.json_out))
     plan = _recording_plan(options) if options.recording is not None else _data_set_plan(options)
     before = scrape(options.metrics_url, options.timeout_s, settle=True)
-    result = stream(options, plan.inputs, plan.requests)
+    with _sensor_metrics(plan.sync, options):
+        result = stream(options, plan.inputs, plan.requests)
     summary = summarize(result, plan.labels)
     after = None if result.interrupted else scrape(options.metrics_url, options.timeout_s, settle=before is not None)
     summary["server"] = server_figures(before, after)
-    summary["sync_dropped"] = plan.sync_dropped
+    summary["sync_dropped"] = plan.sync.dropped
+    summary["sensors"] = {"duration_s": plan.duration_s, **plan.sync.stats()}
     summary["settings"] = plan.settings
     if options.json_out:
         write_json(Path(options.json_out), summary)
     return summary
+
+
+@contextmanager
+def _sensor_metrics(sync: SensorSync, options: ClientOptions) -> Iterator[None]:
+    """The sensors' figures as Prometheus metrics on ``options.sensor_metrics_port`` while the replay runs."""
+    if options.sensor_metrics_port is None:
+        yield
+        return
+    from ume_edge.client.sensor_health import SensorMetrics
+
+    metrics = SensorMetrics(sync)
+    port = metrics.start(options.sensor_metrics_port, options.sensor_metrics_host)
+    LOGGER.info("sensor metrics on http://%s:%d/metrics", options.sensor_metrics_host, port)
+    try:
+        yield
+    finally:
+        metrics.stop()
 
 
 def _data_set_plan(options: ClientOptions) -> _Plan:
@@ -53,7 +80,8 @@ def _data_set_plan(options: ClientOptions) -> _Plan:
     period_s = 1.0 / options.rate if options.rate else UNPACED_PERIOD_S
     replay = SensorReplay(sensors, samples, np.random.default_rng(options.seed), period_s)
     scheduled = replay.requests(samples if options.requests is None else options.requests)
-    return _Plan(inputs, labels, scheduled, replay.sync.dropped, _settings(options, sensors))
+    duration_s = replay.clock.now if options.rate else None  # unpaced samples are a minute apart: no rate
+    return _Plan(inputs, labels, scheduled, replay.sync, duration_s, _settings(options, sensors))
 
 
 def _recording_plan(options: ClientOptions) -> _Plan:
@@ -89,7 +117,7 @@ def _recording_plan(options: ClientOptions) -> _Plan:
                 "window_ms": replayed.window_ms, "concurrency": options.concurrency, "timeout_s": options.timeout_s,
                 "max_failures": options.max_failures, "send_mask": options.send_mask,
                 "metrics_url": options.metrics_url}
-    return _Plan(replayed.inputs, replayed.labels, requests, replayed.sync_dropped, settings)
+    return _Plan(replayed.inputs, replayed.labels, requests, replayed.sync, replayed.duration_s or None, settings)
 
 
 def _settings(options: ClientOptions, sensors: SensorModel) -> dict:

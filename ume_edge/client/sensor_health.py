@@ -39,20 +39,22 @@ COLUMNS = ("sensor", "readings/s", "included", "held", "age p50 ms", "age p99 ms
 QUANTILES = (("0.5", "p50"), ("0.99", "p99"))
 
 
-def sensor_table(stats: dict[str, Any], duration_s: float) -> str:
-    """A Markdown table of ``SensorSync.stats()``, one row per sensor; rates over ``duration_s`` seconds."""
-    if not duration_s > 0:
+def sensor_table(stats: dict[str, Any], duration_s: float | None) -> str:
+    """A Markdown table of ``SensorSync.stats()``, one row per sensor; rates over ``duration_s`` seconds (``None``:
+    no rate, as for a replay not paced in time)."""
+    if duration_s is not None and not duration_s > 0:
         raise ValueError(f"duration_s must be positive, got {duration_s}")
     rows = [COLUMNS, ("---",) * len(COLUMNS)]
     rows += [_sensor_row(name, sensor, duration_s) for name, sensor in stats["modalities"].items()]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def _sensor_row(name: str, sensor: dict[str, Any], duration_s: float) -> tuple[str, ...]:
+def _sensor_row(name: str, sensor: dict[str, Any], duration_s: float | None) -> tuple[str, ...]:
     received, ages = sensor["received"], sensor["age_ms"]
     included = f"{100 * sensor['included'] / received:.1f}%" if received else "-"
     dropped = ", ".join(f"{reason} {count}" for reason, count in sensor["dropped"].items() if count) or "0"
-    return (name, f"{received / duration_s:.1f}", included, str(sensor["held"]), _ms(ages["p50"]), _ms(ages["p99"]),
+    rate = "-" if duration_s is None else f"{received / duration_s:.1f}"
+    return (name, rate, included, str(sensor["held"]), _ms(ages["p50"]), _ms(ages["p99"]),
             dropped)
 
 

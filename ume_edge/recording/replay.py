@@ -73,7 +73,8 @@ class Replayed:
     requests: list[ScheduledRequest]
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
-    sync_dropped: dict[str, int]
+    sync: SensorSync  # after the replay: its stats() describe every sensor
+    duration_s: float  # the recording's span, first reading to last
     deadline_ms: float
     window_ms: float
 
@@ -183,8 +184,8 @@ def replay(source: Readings, modalities: list[str], deadline_ms: float | None, r
     requests = [_request(index, frame, (emitted - start) / rate if rate else emitted - start, start, stamps,
                          sync.window_s) for index, (frame, emitted) in enumerate(frames)]
     return Replayed(requests, _stacked(modalities, [frame for frame, _ in frames]),
-                    _frame_labels([frame for frame, _ in frames], source.labels), sync.dropped, deadline_ms,
-                    period_s * 1e3 / 2)
+                    _frame_labels([frame for frame, _ in frames], source.labels), sync,
+                    readings[-1].arrival_s - start, deadline_ms, period_s * 1e3 / 2)
 
 
 def _frames(sync: SensorSync, clock: SimulatedClock, readings: list[Reading]) -> list[tuple[Frame, float]]:
