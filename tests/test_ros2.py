@@ -6,6 +6,7 @@ import enum
 import logging
 import sys
 import time
+import urllib.request
 
 import fake_rclpy
 import numpy as np
@@ -15,6 +16,7 @@ from api_conformance import check_object
 from ume_edge.ros2.cli import main, split_ros_args
 from ume_edge.ros2.inference import ModelInput, model_inputs
 from ume_edge.ros2.options import NodeOptions, TopicSpec
+from ume_edge.serving.server_config import free_ports
 
 pytest.importorskip("rosbags")
 
@@ -284,10 +286,19 @@ def test_the_command_runs_the_node_until_ros_shuts_down(monkeypatch, server):
         world.deliver(AUDIO_TOPIC, _spectrogram(world, inputs["audio"][0]))
         world.fire_timers()
 
-    world.on_spin = spin
+    scraped = []
+
+    def spin_and_scrape():
+        spin()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            scraped.append(response.read().decode())
+
+    (port,) = free_ports(1)
+    world.on_spin = spin_and_scrape
     status = main(["--url", server.grpc_url, "--topic", f"image={IMAGE_TOPIC}:sensor_msgs/msg/Image",
-                   "--topic", f"audio={AUDIO_TOPIC}:std_msgs/msg/Float32MultiArray", "--ros-args", "-r",
-                   "__node:=ume"])
+                   "--topic", f"audio={AUDIO_TOPIC}:std_msgs/msg/Float32MultiArray", "--metrics-port", str(port),
+                   "--metrics-host", "127.0.0.1", "--ros-args", "-r", "__node:=ume"])
     assert status == 0
+    assert 'ume_sensor_readings_received_total{modality="image"} 1.0' in scraped[0]  # the sensors, for Prometheus
     assert len(world.published["/ume/probs"]) == 1  # the frame was answered before the node was destroyed
     assert world.nodes[0].destroyed and not world.initialised

@@ -127,7 +127,8 @@ def _add_recording_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve the sensors' figures (ume_sensor_*, by modality) as Prometheus metrics on this "
                              "port while the replay runs; needs prometheus-client (default: off)")
-    parser.add_argument("--metrics-host", default="127.0.0.1", help="address the sensor metrics listen on (default 127.0.0.1)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address the sensor metrics listen on (default 127.0.0.1)")
 
 
 def options_from_args(args: argparse.Namespace) -> ClientOptions:

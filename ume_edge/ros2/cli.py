@@ -4,6 +4,7 @@ Arguments after ``--ros-args`` (up to a lone ``--``) are rclpy's (remapping, par
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -16,6 +17,7 @@ from ume_edge.ros2.options import DEFAULT_DIAGNOSTICS_TOPIC, DEFAULT_RESULT_TOPI
 
 NO_ROS_EXIT_STATUS = 2
 ROS_ARGS, ROS_ARGS_END = "--ros-args", "--"
+LOGGER = logging.getLogger(__name__)
 
 
 def split_ros_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -71,6 +73,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                         help="requests in flight at most; a frame that finds none free is skipped and counted")
     parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s, help="limit for every server call")
     parser.add_argument("--node-name", default=defaults.node_name)
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve the sensors' figures (ume_sensor_*, by modality) as Prometheus metrics on this "
+                             "port; needs prometheus-client (default: off)")
+    parser.add_argument("--metrics-host", default=defaults.metrics_host, help="address the sensor metrics listen on")
     return parser.parse_args(argv)
 
 
@@ -88,6 +94,7 @@ def options_from_args(args: argparse.Namespace) -> NodeOptions:
         result_topic=args.result_topic, diagnostics_topic=args.diagnostics_topic,
         diagnostics_period_s=args.diagnostics_period_s, stale_after_s=args.stale_after_s,
         max_in_flight=args.max_in_flight, timeout_s=args.timeout_s, node_name=args.node_name,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )
 
 
@@ -128,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         rclpy.try_shutdown()
 
 
+def _start_sensor_metrics(node: Any, options: NodeOptions) -> Any:
+    if options.metrics_port is None:
+        return None
+    from ume_edge.client.sensor_health import SensorMetrics
+
+    metrics = SensorMetrics(node.sync)
+    port = metrics.start(options.metrics_port, options.metrics_host)
+    LOGGER.info("sensor metrics on http://%s:%d/metrics", options.metrics_host, port)
+    return metrics
+
+
 def _run(rclpy: Any, options: NodeOptions) -> int:
     import tritonclient.grpc as grpcclient
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -146,6 +164,7 @@ def _run(rclpy: Any, options: NodeOptions) -> int:
             print(f"error: {error}\n(is the server running at {options.url}? start it with: python -m "
                   "ume_edge.serve)", file=sys.stderr)
             return 1
+        metrics = _start_sensor_metrics(node, options)
         executor = MultiThreadedExecutor()
         executor.add_node(node.node)
         try:
@@ -155,6 +174,8 @@ def _run(rclpy: Any, options: NodeOptions) -> int:
         finally:
             executor.shutdown()
             node.close(options.timeout_s)
+            if metrics is not None:
+                metrics.stop()
         return 0
     finally:
         client.close()

@@ -58,6 +58,8 @@ class NodeOptions:
     timeout_s: float = 5.0
     discovery_timeout_s: float = 5.0
     node_name: str = "ume_edge"
+    metrics_port: int | None = None  # the sensors' figures as Prometheus metrics (ume_edge.client.sensor_health)
+    metrics_host: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if not self.topics:
