@@ -7,7 +7,7 @@ import sys
 import pytest
 
 COMMANDS = ["ume_edge.build", "ume_edge.train", "ume_edge.serve", "ume_edge.triton_repo", "ume_edge.client",
-            "ume_edge.bench report", "ume_edge.data.avdigits"]
+            "ume_edge.verify", "ume_edge.ros2", "ume_edge.bench report", "ume_edge.data.avdigits"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -26,7 +26,7 @@ def test_the_console_command_lists_every_verb_with_one_line_each():
     result = subprocess.run([sys.executable, "-m", "ume_edge", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert listed == ["build", "serve", "triton-repo", "client", "verify", "bench", "train"]
+    assert listed == ["build", "serve", "triton-repo", "client", "ros2", "verify", "bench", "train"]
 
 
 def test_a_verb_shows_its_own_help():

@@ -13,7 +13,8 @@ VERBS = {
     "build": ("ume_edge.build.cli", "turn a trained model into per-modality engines, a fusion kernel and a manifest"),
     "serve": ("ume_edge.serve", "serve an engine directory with a real tritonserver (entry model `ume`)"),
     "triton-repo": ("ume_edge.triton_repo", "write a standard Triton model repository for NGC containers and Jetson"),
-    "client": ("ume_edge.client.cli", "replay a data set as sensor streams over gRPC; accuracy and latency"),
+    "client": ("ume_edge.client.cli", "replay a data set or a robot's recording as sensor streams over gRPC"),
+    "ros2": ("ume_edge.ros2.cli", "a ROS 2 node: subscribed sensors to the served model, results and diagnostics"),
     "verify": ("ume_edge.verify", "check an engine directory or a served deployment against its build"),
     "bench": ("ume_edge.bench.cli", "turn pytest-benchmark results into a Markdown report and plots"),
     "train": ("ume_edge.train", "train a UME-MMA model over seeds and report the spread"),
@@ -26,6 +27,11 @@ EXTRAS = {
     "pytriton": ("nvidia-pytriton", "serve"),
     "tritonclient": ("tritonclient", "serve"),
     "matplotlib": ("matplotlib", "bench"),
+    "mcap": ("mcap", "sensors"),
+    "mcap_ros2": ("mcap-ros2-support", "sensors"),
+    "rosbags": ("rosbags", "sensors"),
+    "PIL": ("Pillow", "sensors"),
+    "prometheus_client": ("prometheus-client", "sensors"),
     "tensorrt": ("TensorRT", "tensorrt"),
 }
 

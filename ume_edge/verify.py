@@ -29,12 +29,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("engines", type=Path, metavar="DIR", help="the engine directory whose record to check against")
     parser.add_argument("--url", help="HOST:PORT of a served deployment (Triton gRPC) to check instead of running "
-                                      "DIR's engines here")
+                                      "DIR's engines here (default: run them here)")
     parser.add_argument("--model", default=ENTRY_MODEL, help="the served entry model (with --url)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per engine when running here (default: the runtime's own choice)")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="seconds to wait for each served answer")
-    parser.add_argument("--json", type=Path, help="also write the verdict and every row to this file")
+    parser.add_argument("--json", type=Path, help="also write the verdict and every row to this file (default: none)")
     return parser.parse_args(argv)
 
 

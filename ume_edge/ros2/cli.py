@@ -45,12 +45,13 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", default=defaults.model, help="model name")
     parser.add_argument("--topic", action="append", required=True, metavar="MODALITY=TOPIC[:TYPE]",
                         help="a sensor, e.g. image=/camera/image_raw:sensor_msgs/msg/Image (repeat per modality); "
-                             "without :TYPE the type is read from the publisher on the ROS graph")
+                             "without :TYPE the type is read from the publisher on the ROS graph (required: no "
+                             "default)")
     parser.add_argument("--preprocess", action="append", default=[], metavar="MODALITY=module:function",
                         help="a function from the decoded reading (or the message, for types no decoder handles) "
                              "to the engine input of one sample; module or path/to/file.py")
     parser.add_argument("--audio-format", default=None, help="PCM layout of audio_common_msgs audio, "
-                        "FORMAT[:CHANNELS[:RATE]], e.g. S16LE:1:16000")
+                        "FORMAT[:CHANNELS[:RATE]], e.g. S16LE:1:16000 (default: none, and audio messages are refused)")
     parser.add_argument("--time", dest="time_mode", choices=TIME_MODES, default=defaults.time_mode,
                         help="a reading's time: its header.stamp (header; the receive time for messages without "
                              "one), or the receive time on the node's clock (log)")
@@ -66,13 +67,14 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-open", type=int, default=None, help="frames open at most (default: SensorSync's)")
     parser.add_argument("--result-topic", default=DEFAULT_RESULT_TOPIC, help="where the probabilities go")
     parser.add_argument("--diagnostics-topic", default=DEFAULT_DIAGNOSTICS_TOPIC, help="where the diagnostics go")
-    parser.add_argument("--diagnostics-period-s", type=float, default=defaults.diagnostics_period_s)
+    parser.add_argument("--diagnostics-period-s", type=float, default=defaults.diagnostics_period_s,
+                        help="seconds between two diagnostics messages")
     parser.add_argument("--stale-after-s", type=float, default=defaults.stale_after_s,
                         help="a sensor with no message for this long is reported STALE")
     parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight,
                         help="requests in flight at most; a frame that finds none free is skipped and counted")
     parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s, help="limit for every server call")
-    parser.add_argument("--node-name", default=defaults.node_name)
+    parser.add_argument("--node-name", default=defaults.node_name, help="the ROS 2 node's name")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve the sensors' figures (ume_sensor_*, by modality) as Prometheus metrics on this "
                              "port; needs prometheus-client (default: off)")
