@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ume_edge.recording import decoders
 from ume_edge.recording.reader import RecordingError
 
 Preprocess = Callable[[Any], np.ndarray]
@@ -48,6 +49,17 @@ def _load_file(location: str) -> Any:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def engine_reading(modality: str, message: Any, msgtype: str, audio_format: decoders.AudioFormat | None,
+                   spec: str | None, function: Preprocess | None) -> np.ndarray:
+    """One message as the engine's input for one sample: decoded, then given to the ``--preprocess`` function when
+    there is one (the message itself, when no decoder handles its type). The recording replay and the ROS 2 node
+    both read sensors through this."""
+    if function is None or spec is None:
+        return decoders.decode(message, msgtype, audio_format)
+    reading = decoders.decode(message, msgtype, audio_format) if msgtype in decoders.supported_types() else message
+    return apply(modality, spec, function, reading)
 
 
 def apply(modality: str, spec: str, function: Preprocess, reading: Any) -> np.ndarray:

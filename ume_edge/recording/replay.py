@@ -22,7 +22,7 @@ import numpy as np
 
 from ume_edge.client.simulation import ScheduledRequest, SimulatedClock
 from ume_edge.recording import decoders
-from ume_edge.recording.preprocess import Preprocess, apply, load_preprocess
+from ume_edge.recording.preprocess import engine_reading, load_preprocess
 from ume_edge.recording.reader import RecordedMessage, Recording, RecordingError
 from ume_edge.sync import Frame, SensorSync
 
@@ -99,7 +99,8 @@ def read_readings(source: RecordingSource) -> Readings:
                 labels.append((stamp, _label(message)))
             if message.topic in modality_of:
                 name = modality_of[message.topic]
-                array = _array(name, message, audio_format, source.preprocess.get(name), functions.get(name))
+                array = engine_reading(name, message.message, message.msgtype, audio_format,
+                                       source.preprocess.get(name), functions.get(name))
                 readings.append(Reading(message.log_time_ns * 1e-9, stamp, name, array))
     if not readings:
         raise RecordingError(f"{source.path}: no readings on {', '.join(source.topics.values())} in the chosen "
@@ -129,15 +130,6 @@ def _audio_format(recording: Recording, source: RecordingSource) -> decoders.Aud
         return None
     info = next(iter(recording.messages(info_topics[:1])), None)
     return None if info is None else decoders.AudioFormat.from_info(info.message)
-
-
-def _array(name: str, message: RecordedMessage, audio_format: decoders.AudioFormat | None, spec: str | None,
-           function: Preprocess | None) -> np.ndarray:
-    if function is None or spec is None:
-        return decoders.decode(message.message, message.msgtype, audio_format)
-    supported = message.msgtype in decoders.supported_types()
-    reading = decoders.decode(message.message, message.msgtype, audio_format) if supported else message.message
-    return apply(name, spec, function, reading)
 
 
 def _label(message: RecordedMessage) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ume_edge.errors import UmeEdgeError
 from ume_edge.recording import preprocess
-from ume_edge.recording.decoders import decode, supported_types, timestamp
+from ume_edge.recording.decoders import timestamp
 from ume_edge.ros2.diagnostics import SensorHealth, Status, inference_status, sensor_status
 from ume_edge.ros2.inference import Inference, ModelInput
 from ume_edge.ros2.options import NodeOptions
@@ -130,12 +130,9 @@ class UmeNode:
         the message itself), preprocessed when a function is given, and checked against the model's input."""
         from tritonclient.utils import triton_to_np_dtype
 
-        msgtype, function = self.health[modality].msgtype, self.preprocess.get(modality)
-        if function is None:
-            reading = decode(message, msgtype, self.options.audio_format)
-        else:
-            decoded = decode(message, msgtype, self.options.audio_format) if msgtype in supported_types() else message
-            reading = preprocess.apply(modality, self.options.preprocess[modality], function, decoded)
+        function = self.preprocess.get(modality)
+        reading = preprocess.engine_reading(modality, message, self.health[modality].msgtype, self.options.audio_format,
+                                            self.options.preprocess.get(modality), function)
         wanted = self.inputs[modality]
         preprocess.check_input(modality, reading, list(wanted.shape), np.dtype(triton_to_np_dtype(wanted.datatype)),
                                preprocessed=function is not None)
