@@ -80,3 +80,27 @@ def test_log_mel_has_the_fixed_shape():
     spec = avdigits.log_mel(signal)
     assert spec.shape == (avdigits.N_MELS, avdigits.N_FRAMES)
     assert spec.min() >= avdigits.DB_FLOOR and spec.max() <= avdigits.DB_CEIL
+
+
+def test_exports_go_to_the_working_directory_never_into_the_package(tmp_path, monkeypatch):
+    shipped = avdigits.DATA_FILE.stat()
+    monkeypatch.chdir(tmp_path)
+    avdigits.main(["--export-split", "calib"])
+    inputs, labels = load(str(tmp_path / "avdigits-calib.npz"), "calib")
+    assert len(labels) == 200 and inputs["image"].shape == (200, 1, 28, 28)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avdigits-calib.npz"]  # no temporary left behind
+    assert avdigits.DATA_FILE.stat().st_mtime_ns == shipped.st_mtime_ns
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    out = tmp_path / "avdigits-calib.npz"
+    out.write_bytes(b"the user's file")
+
+    def interrupted(file, **arrays):
+        file.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        avdigits.main(["--export-split", "calib", "--out", str(out)])
+    assert out.read_bytes() == b"the user's file" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]

@@ -8,14 +8,17 @@ together are clearly better: the setting where fusion and missing-modality robus
 
 Regenerate (needs ``apt-get install espeak-ng`` and ``pip install 'ume-edge[data]'``)::
 
-    python -m ume_edge.data.avdigits --generate
+    python -m ume_edge.data.avdigits --generate                                   # writes ./avdigits.npz
+    python -m ume_edge.data.avdigits --generate --out ume_edge/data/avdigits.npz  # replaces the shipped file
 
-The output is reproducible from ``--seed`` and is committed as ``ume_edge/data/avdigits.npz``.
+The output is reproducible from ``--seed`` and is committed as ``ume_edge/data/avdigits.npz``. Every file is written
+to a temporary name beside ``--out`` and renamed into place, so an interrupted run leaves ``--out`` as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -256,14 +259,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="--export-recording leaves out each reading of MODALITY with probability P (default: "
                              "none)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same file")
-    parser.add_argument("--out", type=Path, default=DATA_FILE, help=f"output .npz (default: {DATA_FILE})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output .npz (default: ./avdigits.npz for --generate, ./avdigits-SPLIT.npz for "
+                             "--export-split; never the installed package unless named here)")
     parser.add_argument("--workers", type=int, default=4, help="parallel espeak-ng processes")
     args = parser.parse_args(argv)
     if args.export_split:
-        out = args.out if args.out != DATA_FILE else Path(f"avdigits-{args.export_split}.npz")
+        out = args.out or Path(f"avdigits-{args.export_split}.npz")
         with np.load(DATA_FILE) as arrays:
             inputs, labels = decode(arrays, args.export_split)
-        np.savez_compressed(out, **inputs, labels=labels)
+        _write_npz(out, {**inputs, "labels": labels})
         print(f"wrote {out}: {', '.join(f'{k} {list(v.shape)}' for k, v in inputs.items())}, labels")
         return
     if args.export_recording:
@@ -271,9 +276,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.generate:
         parser.error("nothing to do: pass --generate, --export-split SPLIT or --export-recording PATH")
-    arrays = generate(args.seed, workers=args.workers)
-    np.savez_compressed(args.out, **arrays)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    out = args.out or Path("avdigits.npz")
+    _write_npz(out, generate(args.seed, workers=args.workers))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+def _write_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` as a compressed ``.npz`` at ``out``, written beside it under a temporary name and then renamed."""
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        with open(partial, "wb") as file:
+            np.savez_compressed(file, **arrays)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _export_recording(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
