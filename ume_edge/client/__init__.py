@@ -6,10 +6,11 @@ or, from Python, ``run_client(ClientOptions(url=..., drop={"image": 0.2}))``, wh
 Every sensor is a stream on a simulated clock (``simulation``): each reading is lost with the ``--drop``
 probability or arrives after a random delay, the readings go through a ``SensorSync`` (``ume_edge.sync``), and each
 frame it emits becomes one request without the modalities missing from it. The requests go out asynchronously
-(``streaming``), each call limited to ``--timeout-s``, until ``--max-failures`` fail in a row or Ctrl-C. At the end
-it prints accuracy per presence pattern, latency p50/p90/p99 and throughput (``report``), and what the server's
-entry model counted (``server_figures``). With ``--rate`` the requests leave in real time, when their frame was
-emitted; without it, as fast as ``--concurrency`` allows.
+(``streaming``), each request limited to ``--timeout-s``, round-robin over the replicas when ``--url`` names
+several and retried on another when its replica is unavailable (``replicas``), until ``--max-failures`` fail in a row
+or Ctrl-C. At the end it prints accuracy per presence pattern, latency p50/p90/p99 and throughput, the requests each
+replica answered (``report``), and what the server's entry model counted (``server_figures``). With ``--rate`` the
+requests leave in real time, when their frame was emitted; without it, as fast as ``--concurrency`` allows.
 
 ``--recording PATH --topic MODALITY=TOPIC ...`` replays a robot's recording (an MCAP file or a rosbag2 folder) instead:
 its readings are decoded (``ume_edge.recording``) and go through the SensorSync on the recording's own clock.

@@ -48,8 +48,11 @@ def parse_assignments(items: list[str] | None, flag: str, example: str) -> dict[
 
 
 def default_metrics_url(url: str, given: str | None) -> str | None:
+    """Port 8002 on ``--url``'s host; none for a list of replicas, whose figures one server's metrics do not hold."""
     if given is not None:
         return None if given == "none" else given
+    if "," in url:
+        return None
     host = url.rsplit(":", 1)[0]
     return f"http://{host}:{DEFAULT_METRICS_PORT}/metrics"
 
@@ -63,7 +66,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "dropped or missed the deadline; report accuracy per presence pattern, latency percentiles "
                     "and throughput.",
     )
-    parser.add_argument("--url", default="localhost:8001", help="gRPC address host:port (default localhost:8001)")
+    parser.add_argument("--url", default="localhost:8001",
+                        help="gRPC address host:port; replicas as a comma-separated list, or one name whose DNS "
+                             "records are the replicas (a headless Service): requests go round-robin, and one that "
+                             "finds its replica unavailable is retried on another within --timeout-s "
+                             "(default localhost:8001)")
     parser.add_argument("--model", default="ume", help="model name (default ume)")
     parser.add_argument("--dataset", default="avdigits", help="data set name or .npz path (default avdigits)")
     parser.add_argument("--split", default="test", help="split to replay (default test)")
@@ -84,7 +91,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "split has samples; more cycles through it)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drops and jitter (default 0)")
     parser.add_argument("--timeout-s", type=float, default=30.0,
-                        help="limit for every call to the server, metadata included (default 30)")
+                        help="limit for every call to the server, metadata included; a request's tries on several "
+                             "replicas share it (default 30)")
     parser.add_argument("--max-failures", type=int, default=DEFAULT_MAX_FAILURES,
                         help="stop sending after this many failed requests in a row and report what came back; "
                              f"0: never stop (default {DEFAULT_MAX_FAILURES})")
@@ -97,7 +105,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "left out of the request)")
     parser.add_argument("--metrics-url", default=None,
                         help="the server's metrics endpoint, to print what its entry model counted per presence "
-                             "pattern (default: http://<host of --url>:8002/metrics; 'none' to skip)")
+                             "pattern (default: http://<host of --url>:8002/metrics, none for a list of replicas; "
+                             "'none' to skip)")
     _add_recording_arguments(parser)
     return parser.parse_args(argv)
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ume_edge.client.replicas import parse_url
+
 DEFAULT_MAX_FAILURES = 10
 
 
 @dataclass(frozen=True)
 class ClientOptions:
     """One replay of ``dataset``/``split`` (or of the ``recording``'s ``topics``, modality -> topic) against ``model``
-    at ``url``; the fields are the client's flags (see ``python -m ume_edge.client --help``). ``requests=None`` sends
-    one request per sample (per frame of a recording); ``rate=None`` sends as fast as ``concurrency`` allows;
-    ``metrics_url=None`` scrapes no server figures."""
+    at ``url`` (one server, or its replicas: see ``replicas``); the fields are the client's flags (see
+    ``python -m ume_edge.client --help``). ``requests=None`` sends one request per sample (per frame of a recording);
+    ``rate=None`` sends as fast as ``concurrency`` allows; ``metrics_url=None`` scrapes no server figures."""
 
     url: str = "localhost:8001"
     model: str = "ume"
@@ -45,6 +47,7 @@ class ClientOptions:
     sensor_metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
+        parse_url(self.url)
         if self.concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
         if self.recording is not None:

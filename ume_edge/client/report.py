@@ -1,5 +1,5 @@
-"""The summary of a replay: accuracy per presence pattern, latency percentiles and throughput, printed as a table
-and written as JSON (``--json``)."""
+"""The summary of a replay: accuracy per presence pattern, latency percentiles and throughput, the requests each
+replica answered and the retries, printed as a table and written as JSON (``--json``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class SummaryNotSaved(UmeEdgeError):
 
 def summarize(result: StreamResult, labels: np.ndarray | None) -> dict:
     outcomes, wall_s = result.outcomes, result.wall_s
-    answered = [o for o in outcomes if o.error is None and o.label is not None]
+    answered = [o for o in outcomes if o.answered]
     latencies_ms = np.array([o.latency_s * 1e3 for o in answered if o.latency_s is not None])
     return {
         "requests": len(outcomes),
@@ -46,7 +46,30 @@ def summarize(result: StreamResult, labels: np.ndarray | None) -> dict:
         "late": _count(o.request.late for o in outcomes),
         "stopped": result.stopped,
         "interrupted": result.interrupted,
+        "replicas": _per_replica(outcomes, result.replicas),
+        "retries": sum(len(o.tries) - 1 for o in outcomes if o.tries),
+        "failover_s": _failover_s(outcomes),
     }
+
+
+def _per_replica(outcomes: list[Outcome], addresses: list[str]) -> dict[str, dict[str, int]]:
+    """Per replica: requests it answered, its tries that failed, and the tries sent to it after another failed."""
+    rows = {address: {"answered": 0, "failed_tries": 0, "retries_to": 0} for address in addresses}
+    for outcome in outcomes:
+        for index, address in enumerate(outcome.tries):
+            row = rows.setdefault(address, {"answered": 0, "failed_tries": 0, "retries_to": 0})
+            last = index == len(outcome.tries) - 1
+            row["answered" if last and outcome.answered else "failed_tries"] += 1
+            row["retries_to"] += int(index > 0)
+    return rows
+
+
+def _failover_s(outcomes: list[Outcome]) -> float | None:
+    """The longest a request answered on another replica waited between its first failed try and its answer (the
+    answer arrives ``sent_s + latency_s``); None when no request was answered after a failed try."""
+    waits = [o.sent_s + o.latency_s - o.first_failure_s for o in outcomes
+             if o.answered and o.first_failure_s is not None and o.latency_s is not None]
+    return max(waits) if waits else None
 
 
 def _accuracy(outcomes: list[Outcome], labels: np.ndarray | None) -> float | None:
@@ -86,6 +109,8 @@ def format_report(summary: dict) -> str:
         lines.append(f"{key:<24}{row['count']:>10}{accuracy:>10}")
     if summary["dropped"] or summary["late"]:
         lines.append(f"left out: dropped {summary['dropped']}, missed the deadline {summary['late']}")
+    if len(summary.get("replicas", {})) > 1:
+        lines += ["", *_replica_table(summary)]
     lines += [f"error: {message}" for message in summary["error_examples"]]
     if summary["stopped"]:
         lines.append(summary["stopped"])
@@ -95,6 +120,16 @@ def format_report(summary: dict) -> str:
     if summary.get("server"):
         lines += ["", *format_server_figures(summary["server"])]
     return "\n".join(lines)
+
+
+def _replica_table(summary: dict) -> list[str]:
+    width = max(len("replica"), *(len(address) for address in summary["replicas"])) + 2
+    lines = [f"{'replica':<{width}}{'answered':>10}{'failed tries':>14}{'retries to it':>15}"]
+    lines += [f"{address:<{width}}{row['answered']:>10}{row['failed_tries']:>14}{row['retries_to']:>15}"
+              for address, row in summary["replicas"].items()]
+    failover = "" if summary["failover_s"] is None else f"; failover: {summary['failover_s'] * 1e3:.1f} ms"
+    lines.append(f"retries: {summary['retries']}{failover}")
+    return lines
 
 
 def check_writable(path: Path) -> None:

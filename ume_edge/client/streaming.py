@@ -1,33 +1,48 @@
-"""Send scheduled requests to a Triton server over gRPC (``tritonclient.grpc``), asynchronously: at most
-``concurrency`` in flight, every call limited to ``timeout_s``, sending stopped after ``max_failures`` failed
-requests in a row (0: never) or on Ctrl-C, and an answer or an error recorded for every request sent."""
+"""Send scheduled requests to a Triton server, or to its replicas, over gRPC (``tritonclient.grpc``),
+asynchronously: at most ``concurrency`` in flight, every request limited to ``timeout_s`` (all its tries together),
+a request whose replica is unavailable tried again on another (``replicas``), sending stopped after ``max_failures``
+failed requests in a row (0: never) or on Ctrl-C, and an answer or an error recorded for every request sent."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ume_edge.client.options import ClientOptions
+from ume_edge.client.replicas import Replicas, is_retryable, resolve_replicas
 from ume_edge.client.simulation import ScheduledRequest
 from ume_edge.constants import PRESENT
+
+LOGGER = logging.getLogger(__name__)
 
 INTERRUPT_GRACE_S = 1.0  # after Ctrl-C, how long the requests in flight may still answer
 
 
 @dataclass
 class Outcome:
+    """One request: sent first at ``sent_s`` (``time.perf_counter``), answered or failed ``latency_s`` later."""
+
     request: ScheduledRequest
     sent_s: float
+    request_id: str = ""
     latency_s: float | None = None
     label: int | None = None
     error: str | None = None
+    tries: list[str] = field(default_factory=list)  # the replicas tried in order; the last gave the answer or error
+    first_failure_s: float | None = None  # when a replica first failed it (perf_counter)
+    answer_id: str | None = None  # the request id the answer carries
+
+    @property
+    def answered(self) -> bool:
+        return self.error is None and self.label is not None
 
 
 @dataclass
@@ -36,6 +51,7 @@ class StreamResult:
     wall_s: float
     stopped: str | None = None  # why it stopped before sending every request
     interrupted: bool = False  # by Ctrl-C
+    replicas: list[str] = field(default_factory=list)
 
 
 class Progress:
@@ -73,35 +89,34 @@ def grpc_inputs(arrays: dict[str, np.ndarray], datatypes: dict[str, str] | None 
 
 
 def stream(options: ClientOptions, inputs: dict[str, np.ndarray], requests: list[ScheduledRequest]) -> StreamResult:
-    """Send ``requests`` (rows of ``inputs``) to ``options.model`` at ``options.url``, paced by ``options.rate``."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(options.url)
+    """Send ``requests`` (rows of ``inputs``) to ``options.model`` at ``options.url``'s replicas, paced by
+    ``options.rate``."""
+    replicas = Replicas(resolve_replicas(options.url))
+    if len(replicas.addresses) > 1:
+        LOGGER.info("%d replicas: %s", len(replicas.addresses), ", ".join(replicas.addresses))
     try:
-        datatypes = _model_inputs(client, options.model, options.timeout_s)
+        datatypes = {name: datatype for name, (datatype, _) in _model_metadata(replicas, options).items()}
         _check_model_takes(options, inputs, requests, datatypes)
-        return _send_all(client, options, inputs, requests, datatypes)
+        return _send_all(replicas, options, inputs, requests, datatypes)
     finally:
-        client.close()
+        replicas.close()
 
 
 def model_input_specs(options: ClientOptions) -> dict[str, tuple[str, list[int]]]:
     """Input name -> (Triton datatype, shape with the batch axis first), from the server's model metadata."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(options.url)
+    replicas = Replicas(resolve_replicas(options.url))
     try:
-        metadata = client.get_model_metadata(options.model, as_json=True, client_timeout=options.timeout_s)
+        return _model_metadata(replicas, options)
     finally:
-        client.close()
+        replicas.close()
+
+
+def _model_metadata(replicas: Replicas, options: ClientOptions) -> dict[str, tuple[str, list[int]]]:
+    """From the first replica that is available."""
+    metadata = replicas.call_any(lambda client: client.get_model_metadata(options.model, as_json=True,
+                                                                          client_timeout=options.timeout_s))
     return {tensor["name"]: (tensor["datatype"], [int(size) for size in tensor["shape"]])
             for tensor in metadata["inputs"]}
-
-
-def _model_inputs(client: Any, model: str, timeout_s: float) -> dict[str, str]:
-    """Input name -> Triton datatype, from the server's model metadata."""
-    metadata = client.get_model_metadata(model, as_json=True, client_timeout=timeout_s)
-    return {tensor["name"]: tensor["datatype"] for tensor in metadata["inputs"]}
 
 
 def _check_model_takes(options: ClientOptions, inputs: dict[str, np.ndarray], requests: list[ScheduledRequest],
@@ -121,13 +136,11 @@ def _check_model_takes(options: ClientOptions, inputs: dict[str, np.ndarray], re
                              f"convert it before saving the .npz")
 
 
-def _send_all(client: Any, options: ClientOptions, inputs: dict[str, np.ndarray], requests: list[ScheduledRequest],
-              datatypes: dict[str, str]) -> StreamResult:
-    import tritonclient.grpc as grpcclient
-
-    outputs = [grpcclient.InferRequestedOutput("label")]
+def _send_all(replicas: Replicas, options: ClientOptions, inputs: dict[str, np.ndarray],
+              requests: list[ScheduledRequest], datatypes: dict[str, str]) -> StreamResult:
     slots = threading.Semaphore(options.concurrency)
     tally = _Tally(options.max_failures)
+    sender = _Sender(replicas, options, slots, tally)
     outcomes: list[Outcome] = []
     bar = Progress(len(requests), options.progress)
     start = time.perf_counter()
@@ -140,10 +153,9 @@ def _send_all(client: Any, options: ClientOptions, inputs: dict[str, np.ndarray]
             slots.acquire()
             if tally.gave_up:
                 break
-            outcome = Outcome(request, time.perf_counter())
+            outcome = Outcome(request, time.perf_counter(), request_id=str(len(outcomes)))
             outcomes.append(outcome)
-            client.async_infer(options.model, request_inputs, _on_answer(outcome, slots, tally), outputs=outputs,
-                               client_timeout=options.timeout_s)
+            sender.send(outcome, request_inputs)
             bar.update(tally.done)
         tally.wait_for(len(outcomes), options.timeout_s + 5)
     except KeyboardInterrupt:
@@ -152,7 +164,8 @@ def _send_all(client: Any, options: ClientOptions, inputs: dict[str, np.ndarray]
             tally.wait_for(len(outcomes), min(options.timeout_s, INTERRUPT_GRACE_S))
     wall_s = time.perf_counter() - start
     bar.update(tally.done, final=True)
-    return StreamResult(outcomes, wall_s, _why_stopped(tally, interrupted, len(outcomes), len(requests)), interrupted)
+    return StreamResult(outcomes, wall_s, _why_stopped(tally, interrupted, len(outcomes), len(requests)), interrupted,
+                        replicas.addresses)
 
 
 def _request_inputs(inputs: dict[str, np.ndarray], request: ScheduledRequest, datatypes: dict[str, str],
@@ -199,16 +212,47 @@ class _Tally:
             return self._changed.wait_for(lambda: self.done >= count, timeout=timeout_s)
 
 
-def _on_answer(outcome: Outcome, slots: threading.Semaphore, tally: _Tally) -> Callable[[Any, Any], None]:
-    def callback(result: Any, error: Any) -> None:
-        outcome.latency_s = time.perf_counter() - outcome.sent_s
+class _Sender:
+    """Sends a request's tries, one at a time: a try that finds its replica unavailable is sent to a replica the
+    request has not tried, while the request's ``timeout_s`` lasts; its answer, or its last error, is recorded once."""
+
+    def __init__(self, replicas: Replicas, options: ClientOptions, slots: threading.Semaphore, tally: _Tally):
+        import tritonclient.grpc as grpcclient
+
+        self.replicas, self.model, self.timeout_s = replicas, options.model, options.timeout_s
+        self.outputs = [grpcclient.InferRequestedOutput("label")]
+        self.slots, self.tally = slots, tally
+
+    def send(self, outcome: Outcome, request_inputs: list) -> None:
+        address = self.replicas.pick(outcome.tries)
+        assert address is not None, "send is called only while the request has a replica left to try"
+        outcome.tries.append(address)
+        budget_s = self.timeout_s - (time.perf_counter() - outcome.sent_s)
+        self.replicas.clients[address].async_infer(
+            self.model, request_inputs, functools.partial(self._on_answer, outcome, request_inputs),
+            outputs=self.outputs, request_id=outcome.request_id, client_timeout=budget_s)
+
+    def _on_answer(self, outcome: Outcome, request_inputs: list, result: Any, error: Any) -> None:
+        now = time.perf_counter()
+        if error is None:
+            self.replicas.answered(outcome.tries[-1])
+        elif is_retryable(error):
+            self.replicas.failed(outcome.tries[-1])
+            outcome.first_failure_s = outcome.first_failure_s or now
+            if self._can_retry(outcome, now):
+                self.send(outcome, request_inputs)
+                return
+        outcome.latency_s = now - outcome.sent_s
         if error is not None:
             outcome.error = str(error)
         else:
             outcome.label = int(result.as_numpy("label").reshape(-1)[0])
-        tally.add(failed=error is not None)  # before the slot frees: the sender checks gave_up after taking it
-        slots.release()
-    return callback
+            outcome.answer_id = result.get_response().id
+        self.tally.add(failed=error is not None)  # before the slot frees: the sender checks gave_up after taking it
+        self.slots.release()
+
+    def _can_retry(self, outcome: Outcome, now: float) -> bool:
+        return len(outcome.tries) < len(self.replicas.addresses) and now - outcome.sent_s < self.timeout_s
 
 
 def _sleep_until(moment: float) -> None:
