@@ -1,3 +1,5 @@
+import signal
+
 import numpy as np
 import pytest
 
@@ -22,6 +24,20 @@ def int8_engines():
     from ume_edge.build import ensure_default_engines
 
     return ensure_default_engines("int8")
+
+
+@pytest.fixture(scope="session")
+def served_reference(int8_engines):
+    """``python -m ume_edge.serve`` of the reference INT8 build, one for the whole session: for tests that only send
+    requests to it (a test that stops, kills or reconfigures a server starts its own)."""
+    pytest.importorskip("pytriton")  # ships the tritonserver binary
+    from ume_edge.serve import ServeProcess
+    from ume_edge.serving.server_config import Endpoints, free_ports
+
+    process = ServeProcess(int8_engines, Endpoints("127.0.0.1", *free_ports(3)))
+    process.start(timeout_s=180)
+    yield process
+    assert process.stop(signal.SIGTERM) == 0, process.log_tail()
 
 
 @pytest.fixture

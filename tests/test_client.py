@@ -2,7 +2,6 @@
 PyTriton server."""
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +18,7 @@ from ume_edge.client.cli import main, parse_modality_values
 from ume_edge.client.options import DEFAULT_MAX_FAILURES
 from ume_edge.client.simulation import MAX_LOST_SAMPLES, SensorModel, SensorReplay
 from ume_edge.data import pattern_key, presence_patterns
-from ume_edge.serve import ServeProcess
-from ume_edge.serving.server_config import Endpoints, free_ports
+from ume_edge.serving.server_config import free_ports
 
 MODALITIES = ["audio", "image"]
 
@@ -225,12 +223,8 @@ def test_max_failures_0_never_stops(fake_triton, capsys):
 
 
 @pytest.fixture(scope="module")
-def server(int8_engines):
-    pytest.importorskip("pytriton")  # ships the tritonserver binary
-    process = ServeProcess(int8_engines, Endpoints("127.0.0.1", *free_ports(3)))
-    process.start(timeout_s=180)
-    yield process
-    assert process.stop(signal.SIGTERM) == 0, process.log_tail()
+def server(served_reference):
+    return served_reference
 
 
 @pytest.mark.triton

@@ -14,8 +14,6 @@ import pytest
 from test_client import FakeTriton
 
 from ume_edge.client.cli import main
-from ume_edge.serve import ServeProcess
-from ume_edge.serving.server_config import Endpoints, free_ports
 from ume_edge.sync import SensorSync
 
 SAMPLES = 40
@@ -271,12 +269,8 @@ def test_the_clock_jump_threshold_is_configurable(caplog):
 
 
 @pytest.fixture(scope="module")
-def served(int8_engines):
-    pytest.importorskip("pytriton")  # ships the tritonserver binary
-    process = ServeProcess(int8_engines, Endpoints("127.0.0.1", *free_ports(3)))
-    process.start(timeout_s=180)
-    yield process
-    assert process.stop(signal.SIGTERM) == 0, process.log_tail()
+def served(served_reference):
+    return served_reference
 
 
 @pytest.mark.triton

@@ -3,7 +3,6 @@ replays of recordings written by the real writers (MCAP, rosbag2 in both storage
 directory."""
 
 import io
-import signal
 
 import numpy as np
 import pytest
@@ -227,15 +226,8 @@ def test_recording_flags_are_checked(capsys):
 # ----------------------------------------------------------------------------- replays against a served engine
 
 @pytest.fixture(scope="module")
-def server(int8_engines):
-    pytest.importorskip("pytriton")  # ships the tritonserver binary
-    from ume_edge.serve import ServeProcess
-    from ume_edge.serving.server_config import Endpoints, free_ports
-
-    process = ServeProcess(int8_engines, Endpoints("127.0.0.1", *free_ports(3)))
-    process.start(timeout_s=180)
-    yield process
-    assert process.stop(signal.SIGTERM) == 0, process.log_tail()
+def server(served_reference):
+    return served_reference
 
 
 def engines_own(int8_engines, samples, kept):
