@@ -2,6 +2,7 @@ import signal
 
 import numpy as np
 import pytest
+from clocks import ManualClock  # tests/clocks.py; pytest puts tests/ on sys.path
 
 from ume_edge.data import load
 
@@ -38,6 +39,12 @@ def served_reference(int8_engines):
     process.start(timeout_s=180)
     yield process
     assert process.stop(signal.SIGTERM) == 0, process.log_tail()
+
+
+@pytest.fixture
+def clock():
+    """A clock that moves only when the test moves it (``clock.advance_ms``)."""
+    return ManualClock()
 
 
 @pytest.fixture

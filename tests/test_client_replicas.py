@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clocks import ManualClock  # tests/clocks.py
 
 from ume_edge.client import ClientOptions, format_report
 from ume_edge.client.cli import main
@@ -74,14 +75,6 @@ def test_a_bad_url_is_one_line(url, message, capsys):
 # the retry policy, on clients that answer as tritonclient does (its InferResult and InferenceServerException)
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 class FakeReplica:
     """An ``InferenceServerClient`` that answers label 7 with the request's id, or fails every try with
     ``status`` (after ``delay_s``), calling back at once as ``async_infer`` does when the call completes."""
@@ -127,7 +120,7 @@ def _replicas(*fakes, clock=time.monotonic):
 
 def test_unavailable_moves_the_request_to_another_replica_which_is_skipped_for_a_back_off(plan):
     down, up = FakeReplica("a:1", fails_with=UNAVAILABLE), FakeReplica("b:1")
-    clock = FakeClock()
+    clock = ManualClock()
     result, summary = _replay_on(_replicas(down, up, clock=clock), plan, max_failures=0)
     assert summary["answered"] == 40 and summary["errors"] == 0
     assert down.tries == 1 and up.tries == 40  # tried once, then in back-off for the whole (frozen) clock
@@ -141,7 +134,7 @@ def test_unavailable_moves_the_request_to_another_replica_which_is_skipped_for_a
 
 
 def test_the_back_off_doubles_while_a_replica_keeps_failing_and_ends_when_it_answers():
-    clock = FakeClock()
+    clock = ManualClock()
     replicas = _replicas(FakeReplica("a:1"), FakeReplica("b:1"), clock=clock)
     assert [replicas.pick([]) for _ in range(4)] == ["a:1", "b:1", "a:1", "b:1"]
     replicas.failed("a:1")
@@ -184,11 +177,11 @@ def test_one_replica_is_not_retried(plan):
 
 def test_a_retry_gets_only_what_is_left_of_the_timeout_and_none_once_it_is_spent(plan):
     slow_down, up = FakeReplica("a:1", fails_with=UNAVAILABLE, delay_s=0.06), FakeReplica("b:1")
-    _replay_on(_replicas(slow_down, up, clock=FakeClock()), plan, timeout_s=0.5)
+    _replay_on(_replicas(slow_down, up, clock=ManualClock()), plan, timeout_s=0.5)
     assert slow_down.budgets == [pytest.approx(0.5, abs=0.01)]  # then in back-off for the whole (frozen) clock
     assert up.budgets[0] < 0.45 and all(budget == pytest.approx(0.5, abs=0.01) for budget in up.budgets[1:])
     spent, up = FakeReplica("a:1", fails_with=UNAVAILABLE, delay_s=0.06), FakeReplica("b:1")
-    _, summary = _replay_on(_replicas(spent, up, clock=FakeClock()), plan, timeout_s=0.05, max_failures=1)
+    _, summary = _replay_on(_replicas(spent, up, clock=ManualClock()), plan, timeout_s=0.05, max_failures=1)
     assert up.tries == 0 and summary["errors"] == 1 and summary["retries"] == 0
 
 

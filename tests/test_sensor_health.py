@@ -13,22 +13,6 @@ from ume_edge.client.sensor_health import SensorMetrics, sensor_table
 from ume_edge.sync import SensorSync
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-    def advance_ms(self, ms):
-        self.now += ms / 1e3
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
 @pytest.fixture
 def sync(clock):
     """Two frames (the second holds the first's audio), a stale image and a broken audio stamp; lidar is silent."""

@@ -15,22 +15,6 @@ from ume_edge.sync import DEFAULT_MAX_OPEN, SensorSync
 MODALITIES = ["audio", "image"]
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-    def advance_ms(self, ms):
-        self.now += ms / 1e3
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
 @pytest.fixture
 def sync(clock):
     return SensorSync(MODALITIES, deadline_ms=30, window_ms=10, clock=clock)
