@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import json
 import re
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from ume_edge.errors import InputError, UmeEdgeError
+from ume_edge.user_code import load_file
 
 FUSIONS = ("ume", "mma")
 CHECKPOINT_FORMAT = "ume-edge-checkpoint/1"
@@ -292,13 +292,10 @@ def _import_encoder(name: str) -> type[nn.Module]:
 def _from_factory(spec: str) -> UMEModel:
     file, factory_name = spec.rsplit(":", 1)
     path = Path(file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (expected file.py:factory)")
-    module_spec = importlib.util.spec_from_file_location(f"ume_user_model_{path.stem}", path)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"{path}: cannot be imported as a Python module (expected file.py:factory)")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module = load_file(path, f"ume_user_model_{path.stem}")
+    except (FileNotFoundError, ImportError) as error:
+        raise type(error)(f"{error} (expected file.py:factory)") from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise ValueError(f"{path} has no callable {factory_name!r}")

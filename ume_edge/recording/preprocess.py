@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 
 from ume_edge.recording import decoders
 from ume_edge.recording.reader import RecordingError
+from ume_edge.user_code import load_file
 
 Preprocess = Callable[[Any], np.ndarray]
 
@@ -29,7 +29,8 @@ def load_preprocess(modality: str, spec: str) -> Preprocess:
     if not location or not name:
         raise RecordingError(f"--preprocess {modality}={spec}: expected module:function or file.py:function")
     try:
-        module = _load_file(location) if location.endswith(".py") else importlib.import_module(location)
+        module = (load_file(Path(location), f"ume_user_preprocess_{Path(location).stem}") if location.endswith(".py")
+                  else importlib.import_module(location))
         found = functools.reduce(getattr, name.split("."), module)
     except (ImportError, AttributeError, FileNotFoundError, SyntaxError) as error:
         raise RecordingError(f"--preprocess {modality}={spec}: cannot be loaded ({type(error).__name__}: "
@@ -37,18 +38,6 @@ def load_preprocess(modality: str, spec: str) -> Preprocess:
     if not callable(found):
         raise RecordingError(f"--preprocess {modality}={spec}: {name} is a {type(found).__name__}, not a function")
     return found
-
-
-def _load_file(location: str) -> Any:
-    path = Path(location)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    module_spec = importlib.util.spec_from_file_location(f"ume_user_preprocess_{path.stem}", path)
-    if module_spec is None or module_spec.loader is None:
-        raise ImportError(f"{path} cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def engine_reading(modality: str, message: Any, msgtype: str, audio_format: decoders.AudioFormat | None,
