@@ -14,6 +14,7 @@ import numpy as np
 
 from ume_edge.backends.base import Backend
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
+from ume_edge.build.int8_schemes import DYNAMIC, STATIC, faster, time_schemes
 from ume_edge.build.options import BuildOptions
 from ume_edge.build.progress import note
 from ume_edge.build.quantize import (
@@ -49,6 +50,7 @@ class Candidate:
     drops: dict = field(default_factory=dict)
     quantized: QuantizedFiles | None = None
     float_layers: list[dict] = field(default_factory=list)
+    int8_scheme: dict = field(default_factory=dict)
 
 
 def _onnxruntime_opener(threads: int | None) -> Callable[[Path], OnnxRuntimeEngine]:
@@ -113,15 +115,25 @@ class Evaluator:
 
 
 def _candidate(name: str, files: QuantizedFiles, backend: Backend[Any]) -> Candidate:
-    """An INT8 candidate; a TensorRT-target file that breaks TensorRT's rules fails only a backend that enforces
-    them."""
+    """An INT8 candidate (static Q/DQ); a TensorRT-target file that breaks TensorRT's rules fails only a backend
+    that enforces them."""
     from ume_edge.build.qdq_rules import check_tensorrt_qdq, violations_error
 
     problems = check_tensorrt_qdq(files.tensorrt_s8s8)
     if problems and backend.enforces_tensorrt_rules:
         raise violations_error(f"modality {name!r}", problems)
     return Candidate("int8", files.cpu_u8s8, files.tensorrt_s8s8, files.method, backend.int8_format,
-                     files.calibration_cache, problems, quantized=files)
+                     files.calibration_cache, problems, quantized=files, int8_scheme={"scheme": STATIC})
+
+
+def _dynamic_candidate(static: Candidate, backend: Backend[Any]) -> Candidate | None:
+    """The dynamically quantized CPU file of an encoder with attention, where the backend runs the CPU file."""
+    assert static.quantized is not None  # ``_candidate`` made it
+    dynamic_file = static.quantized.cpu_dynamic
+    if dynamic_file is None or backend.target_onnx(static) != static.file:
+        return None
+    return Candidate("int8", dynamic_file, static.tensorrt_file, None, backend.int8_format, None,
+                     static.tensorrt_problems, int8_scheme={"scheme": DYNAMIC})
 
 
 def _quantize(name: str, samples: np.ndarray, method: str, fp32: Path, work: Path, backend: Backend[Any],
@@ -181,17 +193,24 @@ def choose(name: str, fp32: Path, calib: np.ndarray, options: BuildOptions, back
              f"output channels); {chosen.precision}")
         return chosen, []
     methods = [options.calib_method] + [m for m in CALIB_METHODS if m != options.calib_method]
-    tried, candidates = [], []
+    tried: list[dict] = []
+    candidates = []
+    dynamic: Candidate | None = None
     for method in methods:
         candidate = _score(name, _quantize(name, calib, method, fp32, work, backend, quantizer), baseline, evaluator,
                            backend)
-        passed = _drop(candidate) <= options.max_drop
-        tried.append({"method": method, "max_drop": candidate.max_drop, "drops": candidate.drops, "passed": passed})
-        note(f"{name}: int8 {method:<10} worst drop {candidate.max_drop:+.2f} points -> "
-             f"{'kept' if passed else 'over --max-drop ' + str(options.max_drop)}")
+        passed = _judged(name, candidate, method, options.max_drop, tried)
+        if method == methods[0] and (dynamic := _dynamic_candidate(candidate, backend)) is not None:
+            _score(name, dynamic, baseline, evaluator, backend)
+            if not _judged(name, dynamic, DYNAMIC, options.max_drop, tried):
+                dynamic = None
+                candidate.int8_scheme["why"] = "dynamic quantization was over --max-drop"
         if passed:
-            return candidate, tried
+            return _faster_scheme(name, candidate, dynamic, evaluator, calib, options.max_batch), tried
         candidates.append(candidate)
+    if dynamic is not None:
+        dynamic.int8_scheme["why"] = "the only scheme within --max-drop (no calibration method kept static Q/DQ)"
+        return dynamic, tried
     best = min(candidates, key=_drop)
     search = LayerSearch(name, best, fp32, options.max_drop, backend, evaluator, baseline, quantizer)
     kept = search.run()
@@ -201,6 +220,30 @@ def choose(name: str, fp32: Path, calib: np.ndarray, options: BuildOptions, back
     note(f"{name}: neither a calibration method nor up to {MAX_FLOAT_GROUPS} layers in float kept INT8 within "
          f"{options.max_drop} points; falling back to {chosen.precision}")
     return chosen, tried
+
+
+def _judged(name: str, candidate: Candidate, label: str, max_drop: float, tried: list[dict]) -> bool:
+    """Whether a scored candidate keeps within ``max_drop``; the trial goes into ``tried`` and the build's log."""
+    passed = _drop(candidate) <= max_drop
+    tried.append({"method": candidate.method, "scheme": candidate.int8_scheme["scheme"],
+                  "max_drop": candidate.max_drop, "drops": candidate.drops, "passed": passed})
+    note(f"{name}: int8 {label:<10} worst drop {candidate.max_drop:+.2f} points -> "
+         f"{'kept' if passed else 'over --max-drop ' + str(max_drop)}")
+    return passed
+
+
+def _faster_scheme(name: str, static: Candidate, dynamic: Candidate | None, evaluator: Evaluator, calib: np.ndarray,
+                   max_batch: int) -> Candidate:
+    """Of two schemes within --max-drop, the faster on this machine; static alone when there is no other."""
+    if dynamic is None:
+        return static
+    timings = time_schemes({STATIC: static.file, DYNAMIC: dynamic.file}, evaluator.open_onnx, name, calib,
+                           max_batch)
+    scheme, why = faster(timings)
+    chosen = dynamic if scheme == DYNAMIC else static
+    chosen.int8_scheme.update(why=why, timings=timings)
+    note(f"{name}: int8 scheme {scheme}: {why}")
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ One calibration pass per modality gives two files (docs/development.md, "ONNX Ru
   quantizer knows (so that whole chains run in int8: 2-4x faster than fp32 here) except Softmax and LayerNorm
   (``CPU_FLOAT_OP_TYPES``). The node that writes the graph output stays in float: the logits are never
   rounded to an int8 grid.
+  An encoder with attention (a Transformer) gets what CPU runtimes run fast instead: only its weighted operations
+  in int8, by static Q/DQ or by dynamic quantization, whichever the gate finds faster (``int8_schemes``).
 - **S8S8** for TensorRT, placed as NVIDIA documents it (TensorRT developer guide, "Explicit Quantization", Q/DQ
   layer-placement recommendations): the inputs of weighted operations quantized, their outputs not, so LayerNorm,
   Softmax, GELU, embeddings and the graph output stay in float. ``qdq_rules`` checks what TensorRT accepts.
@@ -70,6 +72,7 @@ class QuantizedFiles:
     input_name: str
     method: str
     float_nodes: tuple[str, ...] = ()
+    cpu_dynamic: Path | None = None  # an encoder with attention: its dynamically quantized CPU file
 
 
 def _check_method(method: str) -> None:
@@ -180,12 +183,21 @@ def cpu_float_nodes(graph) -> list[str]:
 # the worker process
 
 
-def _calibrate_and_quantize(fp32_path: Path, samples_path: Path, files: QuantizedFiles) -> None:
+def _calibrate_and_quantize(fp32_path: Path, samples_path: Path, files: QuantizedFiles) -> QuantizedFiles:
+    """Both files, and for an encoder with attention the dynamically quantized CPU file too (``files.cpu_dynamic``,
+    else None)."""
+    import onnx
     from onnxruntime.quantization import quant_pre_process
+
+    from ume_edge.build.int8_schemes import has_attention, quantize_dynamic_file
 
     files.calibration_cache.unlink(missing_ok=True)
     quant_pre_process(str(fp32_path), str(files.prepared), skip_symbolic_shape=True)
     _quantize_twice(files, _reader(files.input_name, np.load(samples_path)))
+    if files.cpu_dynamic is None or not has_attention(onnx.load(str(files.prepared), load_external_data=False).graph):
+        return replace(files, cpu_dynamic=None)
+    quantize_dynamic_file(files.prepared, files.cpu_dynamic, files.float_nodes)
+    return files
 
 
 def _quantize_twice(files: QuantizedFiles, reader) -> None:
@@ -194,12 +206,17 @@ def _quantize_twice(files: QuantizedFiles, reader) -> None:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    from ume_edge.build.int8_schemes import has_attention, quantize_static_file
+
     graph = onnx.load(str(files.prepared), load_external_data=False).graph
     common = dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                   calibrate_method=_ort_method(files.method), calibration_cache_path=files.calibration_cache)
-    quantize_static(str(files.prepared), str(files.cpu_u8s8), reader, activation_type=QuantType.QUInt8,
-                    op_types_to_quantize=cpu_op_types(), nodes_to_exclude=[*cpu_float_nodes(graph), *files.float_nodes],
-                    **common)
+    if has_attention(graph):
+        quantize_static_file(files.prepared, files.cpu_u8s8, reader, common, files.float_nodes)
+    else:
+        quantize_static(str(files.prepared), str(files.cpu_u8s8), reader, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=cpu_op_types(),
+                        nodes_to_exclude=[*cpu_float_nodes(graph), *files.float_nodes], **common)
     quantize_static(str(files.prepared), str(files.tensorrt_s8s8), None, activation_type=QuantType.QInt8,
                     op_types_to_quantize=list(WEIGHTED_OPS),
                     nodes_to_exclude=[*tensorrt_float_nodes(graph), *files.float_nodes],
@@ -274,21 +291,20 @@ class Quantizer:
         stem = work_dir / f"{input_name}-{method}"
         files = QuantizedFiles(stem.with_suffix(".u8s8.onnx"), stem.with_suffix(".s8s8.onnx"),
                                stem.with_suffix(".calibration.json"), stem.with_suffix(".prep.onnx"), input_name,
-                               method)
+                               method, cpu_dynamic=stem.with_suffix(".dynamic.onnx"))
         samples_path = stem.with_suffix(".samples.npy")
         np.save(samples_path, samples)
         try:
-            self._run(_calibrate_and_quantize, fp32_path, samples_path, files)
+            return self._run(_calibrate_and_quantize, fp32_path, samples_path, files)
         finally:
             samples_path.unlink()
-        return files
 
     def requantize(self, files: QuantizedFiles, float_nodes: list[str], tag: str) -> QuantizedFiles:
-        """Both files again from ``files``' calibration ranges, with ``float_nodes`` left in float; ``tag`` names the
-        new files."""
+        """Both static files again from ``files``' calibration ranges, with ``float_nodes`` left in float; ``tag``
+        names the new files."""
         stem = files.prepared.with_name(f"{files.input_name}-{files.method}-{tag}")
         variant = replace(files, cpu_u8s8=stem.with_suffix(".u8s8.onnx"), tensorrt_s8s8=stem.with_suffix(".s8s8.onnx"),
-                          float_nodes=tuple(float_nodes))
+                          float_nodes=tuple(float_nodes), cpu_dynamic=None)
         self._run(_quantize_twice, variant, None)
         return variant
 

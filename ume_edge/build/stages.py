@@ -151,7 +151,7 @@ def _manifest(model, options: BuildOptions, backend: Backend[Any], chosen, tried
         calibration=_record(staging, compiled.calibration.get(m.name)),
         calibration_method=chosen[m.name].method, quant_format=chosen[m.name].quant_format,
         export_max_abs_diff=exported[m.name]["max_abs_diff"], float_layers=chosen[m.name].float_layers,
-        gate=tried[m.name],
+        gate=tried[m.name], int8_scheme=chosen[m.name].int8_scheme,
         value_range=engine_dir.index_range(exported[m.name]["fp32"], m.name) if m.dtype == "int64" else None,
     ) for m in model.modalities]
     params = FusionParams.from_model(model)

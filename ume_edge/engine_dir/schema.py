@@ -76,6 +76,11 @@ class ModalityRecord:
                                          "embedding table the ids index (read from the exported ONNX); inference "
                                          "refuses ids outside it. Null when unknown (ids below 0 are still refused) "
                                          "and for float inputs", default=None)
+    int8_scheme: dict = _doc("int8 only: `scheme`, `static` (Q/DQ from the calibration ranges) or `dynamic` (each "
+                             "MatMul quantizes its input at every call: an encoder with attention, on ONNX Runtime); "
+                             "for an encoder with attention also `why` the gate kept it and the `timings` (ms per "
+                             "call of both schemes on the build machine) it compared. Empty otherwise and in "
+                             "manifests written before it", default_factory=dict)
 
 
 @dataclass
