@@ -6,10 +6,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
+from killed_after_step import run_killed_after  # tests/killed_after_step.py
 
 from ume_edge import engine_dir
 from ume_edge.build import BuildOptions, build
@@ -103,34 +103,21 @@ def test_a_rebuild_replaces_the_old_build_and_leaves_nothing_hidden(fp32_build, 
     assert _hidden(tmp_path) == []
 
 
-# A child process publishes a new build over an old one and is SIGKILLed right after its Nth file-system step
-# (rename, exchange, unlink, rmdir); every N from 0 until the publish completes is tried.
-_KILL_SCRIPT = textwrap.dedent("""
-    import os, shutil, signal, sys
+# A publish of a new build over an old one, counting its file-system steps (rename, exchange, unlink, rmdir).
+_PUBLISH = """
+    import shutil
     from pathlib import Path
     from ume_edge import engine_dir
     from ume_edge.engine_dir import publishing
 
-    new_build, out, kill_after, atomic = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+    new_build, out, atomic = Path(ARGS[0]), Path(ARGS[1]), ARGS[2] == "1"
     staging = engine_dir.make_staging(out)
     shutil.copytree(new_build, staging, dirs_exist_ok=True)
-    steps = [0]
-
-    def counted(function):
-        def step(*args, **kwargs):
-            result = function(*args, **kwargs)
-            steps[0] += 1
-            if steps[0] == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return result
-        return step
-
     for name in ("rename", "unlink", "rmdir"):
         setattr(os, name, counted(getattr(os, name)))
     publishing.exchange = counted(publishing.exchange) if atomic else (lambda a, b: False)
     engine_dir.publish(staging, out)
-    print("published after", steps[0], "steps")
-""")
+"""
 
 
 @pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "no-exchange"])
@@ -141,10 +128,7 @@ def test_a_publish_killed_at_any_step_leaves_the_old_or_the_new_build(fp32_build
         work.mkdir()
         out = work / "engines"
         shutil.copytree(int8_engines, out)
-        result = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(fp32_build), str(out), str(kill_after),
-                                 "1" if atomic else "0"], capture_output=True, text=True, timeout=60)
-        completed = result.returncode == 0
-        assert completed or result.returncode == -signal.SIGKILL, result.stderr
+        completed = run_killed_after(_PUBLISH, kill_after, fp32_build, out, "1" if atomic else "0")
         if atomic or completed:  # with the exchange there is no instant without a complete build at --out
             assert _same_tree(out, int8_engines) or _same_tree(out, fp32_build), f"killed after step {kill_after}"
         engine_dir.remove_stale_staging(work)  # what the next build does first

@@ -4,13 +4,12 @@ run leaves the repository exactly as it was (or, once it got through, fully new)
 import hashlib
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from killed_after_step import run_killed_after  # tests/killed_after_step.py
 
 from ume_edge.serving import repository, repository_swap
 
@@ -161,30 +160,18 @@ def test_out_on_a_read_only_file_system_is_one_line(int8_engines, read_only_fold
     assert not (read_only_folder / "triton_models").exists()
 
 
-# A child process rewrites the repository and is SIGKILLed right after its Nth step (a file copied while it builds,
-# a rename, replace or exchange while it swaps); every N until the run completes is tried. What the next run does first must then leave the old
-# repository or the new one, whole.
-_KILL_SCRIPT = textwrap.dedent("""
-    import os, shutil, signal, sys
+# A rewrite of the repository, counting its steps (a file copied while it builds, a rename, replace or exchange while
+# it swaps). What the next run does first must then leave the old repository or the new one, whole.
+_REWRITE = """
+    import shutil
     from ume_edge import engine_dir
     from ume_edge.serving import repository
 
-    engines, out, kill_after, atomic = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-    steps = [0]
-
-    def counted(function):
-        def step(*args, **kwargs):
-            result = function(*args, **kwargs)
-            steps[0] += 1
-            if steps[0] == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return result
-        return step
-
+    engines, out, atomic = ARGS[0], ARGS[1], ARGS[2] == "1"
     os.rename, os.replace, shutil.copyfile = counted(os.rename), counted(os.replace), counted(shutil.copyfile)
     engine_dir.exchange = counted(engine_dir.exchange) if atomic else (lambda a, b: False)
     repository.write_repository(engines, out)
-""")
+"""
 
 
 @pytest.mark.slow
@@ -199,10 +186,7 @@ def test_a_run_killed_at_any_step_leaves_the_old_or_the_new_repository(int8_engi
         work = tmp_path / f"step{kill_after}"
         out = work / "triton_models"
         shutil.copytree(old_repository, out)
-        result = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(int8_engines), str(out), str(kill_after),
-                                 "1" if atomic else "0"], capture_output=True, text=True, timeout=120)
-        completed = result.returncode == 0
-        assert completed or result.returncode == -signal.SIGKILL, result.stderr
+        completed = run_killed_after(_REWRITE, kill_after, int8_engines, out, "1" if atomic else "0")
         repository_swap.recover_interrupted(out)  # what the next run does first
         assert _tree_hash(out) in (old_hash, new_hash), f"killed after step {kill_after}"
         assert _hidden(work) == [] and _hidden(out) == [], f"killed after step {kill_after}"
