@@ -70,8 +70,8 @@ def onnxruntime_manifests(int8_engines, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tensorrt_export(tmp_path_factory):
     """What `python -m ume_edge.build --backend tensorrt --export-only` writes; its manifest records no TensorRT."""
-    return build(BuildOptions(backend="tensorrt", export_only=True, precision="int8", max_batch=8,
-                              out=tmp_path_factory.mktemp("export") / "int8-tensorrt-export"))
+    return build(BuildOptions(backend="tensorrt", export_only=True, precision="fp32", max_batch=8,
+                              out=tmp_path_factory.mktemp("export") / "fp32-tensorrt-export"))
 
 
 @pytest.fixture(scope="module")
