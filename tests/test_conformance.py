@@ -27,8 +27,10 @@ import pytest
 import torch
 
 from conformance import task
+from test_int8_schemes import ops_reading_dequantized  # tests/ is on sys.path
 from ume_edge import engine_dir
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
+from ume_edge.build.int8_schemes import DYNAMIC, STATIC
 from ume_edge.build.qdq_rules import check_tensorrt_qdq, count_qdq
 from ume_edge.build.quantize import WEIGHTED_OPS
 from ume_edge.constants import DEFAULT_MAX_DROP, PARTIAL_LOGITS
@@ -99,7 +101,14 @@ def test_int8_engines_pass_the_gate_and_keep_their_logits_close(trained):
     for record in manifest.modalities:
         family, path = trained.family(record.name), trained.folder / "int8" / record.engine.path
         assert record.precision == "int8" and record.quant_format == "U8S8", f"{family} fell back: {record.gate}"
-        assert not _quantized_graph_outputs(onnx.load(path).graph), f"{family}: the CPU file clips the logits"
+        graph = onnx.load(path).graph
+        assert not _quantized_graph_outputs(graph), f"{family}: the CPU file clips the logits"
+        if FAMILIES[trained.name][record.name] == "Transformer":
+            assert record.int8_scheme["scheme"] in (STATIC, DYNAMIC) and record.int8_scheme["why"], family
+            read = ops_reading_dequantized(graph)
+            assert set(read) <= {"MatMul", "Gemm"}, f"{family}: Q/DQ around {set(read) - {'MatMul', 'Gemm'}}"
+        else:
+            assert record.int8_scheme == {"scheme": STATIC}, family
         error = relative_logit_error(path, record.name, trained)
         assert error <= MAX_RELATIVE_LOGIT_ERROR, f"{family}: INT8 logits off by {error:.3f} of their range"
     for pattern, row in manifest.accuracy["patterns"].items():
