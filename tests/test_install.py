@@ -90,7 +90,7 @@ def test_ume_edge_help_lists_the_verbs(installed, tmp_path):
     result = _run([installed / "ume-edge", "--help"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert listed == ["build", "serve", "triton-repo", "client", "verify", "bench", "train"]
+    assert listed == ["build", "serve", "triton-repo", "client", "ros2", "verify", "bench", "train"]
 
 
 def test_a_pipeline_infers_there_as_in_development(installed, engines, tmp_path):
