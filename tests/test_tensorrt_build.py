@@ -315,6 +315,12 @@ def test_adopt_refuses_plans_that_answer_otherwise_unless_the_numbers_are_accept
     assert {row["pattern"] for row in check["rows"] if not row["holds"]} == {"image", "audio+image"}
 
 
+def test_accept_verification_without_adopt_is_a_usage_error():
+    result = subprocess.run([sys.executable, "-m", "ume_edge.build", "--accept-verification"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "give it with --adopt DIR" in result.stderr.splitlines()[-1]
+
+
 # ---------------------------------------------------------------- without TensorRT
 
 

@@ -110,6 +110,8 @@ def _backend_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
 def main(argv=None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.accept_verification and args.adopt is None:
+        parser.error("--accept-verification accepts what --adopt measured; give it with --adopt DIR")
     show_progress()
     started = time.perf_counter()
     published = None
