@@ -3,9 +3,9 @@ how a target case times, cross-checks and judges its ratios."""
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -86,7 +86,7 @@ def others_share(start, end) -> float | None:
     """Share of all CPUs that other processes (or the hypervisor) took between two ``cpu_ticks()``."""
     if start is None or end is None or end[0] <= start[0]:
         return None
-    total, busy, own = (e - s for e, s in zip(end, start))
+    total, busy, own = (e - s for e, s in zip(end, start, strict=True))
     return max(0.0, (busy - own) / total)
 
 
@@ -138,7 +138,7 @@ class TargetRun:
     def interleave(self, *timed: Timed, rounds: int = ROUNDS) -> list[float]:
         """Medians of ``rounds`` alternating blocks; fewer rounds for calls so long that each block is one call."""
         medians = interleaved_medians(*(t.call for t in timed), block_s=self.block_s, rounds=rounds)
-        self.cross_checks += [self._cross_check(t, median, rounds) for t, median in zip(timed, medians)]
+        self.cross_checks += [self._cross_check(t, median, rounds) for t, median in zip(timed, medians, strict=True)]
         return medians
 
     def _cross_check(self, timed: Timed, interleaved_s: float, rounds: int) -> dict:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cases import LATENCY_KINDS, ROUNDS, TargetRun, case_name
+
 from ume_edge.data import load
 
 EDGE_OUT = Path(__file__).resolve().parent / "out" / "edge"
@@ -146,7 +146,8 @@ def _current(directory: Path, sha256: str) -> bool:
 def edge_engine_dirs():
     """The edge-size model's INT8 and fp32 ONNX Runtime builds (bench/edge_model.py), made once into bench/out/edge/
     and made again when the model or this machine's runtime changed (about a minute)."""
-    from edge_model import build as edge_model, calibration_data
+    from edge_model import build as edge_model
+    from edge_model import calibration_data
 
     from ume_edge.build import BuildOptions, build
     from ume_edge.build.stages import model_sha256

@@ -83,7 +83,7 @@ def _node_macs(node, shapes: dict[str, tuple[int | None, ...]]) -> int:
     return math.prod(shape(node.output[0])) * a[-1]  # MatMul, batched and broadcast ones included
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def count_macs(path: str | Path, batch: int) -> dict[str, int]:
     """Multiply-accumulates of one call on ``batch`` rows, per operator type in ``COMPUTE_OPS``, from the ONNX file
     at ``path`` with shapes from ONNX shape inference at that batch."""
@@ -141,7 +141,6 @@ MICROBENCHMARKS = tuple(Microbenchmark(name, precision, *shapes) for name, shape
 
 
 def _float_model(bench: Microbenchmark):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = np.random.default_rng(1).normal(0, 0.05, bench.weight_shape).astype(np.float32)

@@ -16,9 +16,9 @@ import os
 
 import numpy as np
 import pytest
-
 from cases import ROUNDS, Check, Timed, batch_of, case_name, interleaved_medians, record
 from peak import MICROBENCHMARKS, profile_by_op, total_macs, write_microbenchmark
+
 from ume_edge.data import pattern_key
 
 pytestmark = pytest.mark.heavy
@@ -185,7 +185,8 @@ def test_edge_pytorch_eager_pipeline(benchmark, edge_torch_model, edge_pipelines
 def test_edge_int8_batch32_throughput(benchmark, target_run, edge_pipelines, edge_torch_model, edge_inputs, peaks):
     inputs = batch_of(edge_inputs, TARGET_BATCH, MODALITIES)
     pipelines = {precision: Timed(case_name("pipeline", EVERYTHING, "onnxruntime", precision, TARGET_BATCH, MODEL),
-                                  lambda p=precision: edge_pipelines[p].infer(inputs)) for precision in ("int8", "fp32")}
+                                  lambda p=precision: edge_pipelines[p].infer(inputs))
+                 for precision in ("int8", "fp32")}
     eager_case = case_name("pipeline", EVERYTHING, "pytorch", "fp32", TARGET_BATCH, MODEL)
     int8, fp32, eager = target_run.interleave(pipelines["int8"], pipelines["fp32"],
                                               Timed(eager_case, _eager_call(edge_torch_model, inputs)),
@@ -213,7 +214,7 @@ def test_largest_encoder_near_int8_peak(benchmark, target_run, edge_pipelines, e
     int8_peaks = [micro for micro in peak_engines.values() if micro.spec.precision == "int8"]
     engine_s, *peak_s = target_run.interleave(engine, *(Timed(micro.case, micro.call) for micro in int8_peaks))
     macs = total_macs(engine_file(pipeline, name), TARGET_BATCH)
-    rate, peak = macs / engine_s / 1e9, max(micro.macs / s / 1e9 for micro, s in zip(int8_peaks, peak_s))
+    rate, peak = macs / engine_s / 1e9, max(micro.macs / s / 1e9 for micro, s in zip(int8_peaks, peak_s, strict=True))
     benchmark(edge_encoders["int8"][name].infer, feeds)
     by_op = profile_by_op(engine_file(pipeline, name), feeds, 3, tmp_path)
     int8_share = sum(by_op.get(op, 0.0) for op in INT8_KERNELS) / sum(by_op.values())

@@ -1,7 +1,6 @@
 """One engine at a time: modality x precision x batch, against the same encoder + head in PyTorch eager fp32."""
 
 import pytest
-
 from cases import BATCHES, record
 
 

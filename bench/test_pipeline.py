@@ -1,8 +1,8 @@
 """The whole pipeline per presence pattern (absent modalities are never computed) against PyTorch eager fp32."""
 
 import pytest
-
 from cases import BATCHES, PATTERNS, batch_of, record
+
 from ume_edge.data import pattern_key
 
 
@@ -22,7 +22,8 @@ def test_onnxruntime_pipeline(benchmark, pipelines, test_inputs, pattern, precis
 def test_pytorch_eager_pipeline(benchmark, torch_model, pipelines, test_inputs, pattern, batch):
     import torch
 
-    inputs = {n: (torch.from_numpy(x) if x is not None else None) for n, x in batch_of(test_inputs, batch, pattern).items()}
+    inputs = {n: (torch.from_numpy(x) if x is not None else None)
+              for n, x in batch_of(test_inputs, batch, pattern).items()}
     accuracy = pipelines["fp32"].manifest.accuracy["patterns"][pattern_key(pattern)]["fp32_torch"]
 
     def run():

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cases import PATTERNS, Check, Timed, batch_of, case_name, record
+
 from ume_edge.data import pattern_key
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -50,7 +50,8 @@ def empty_server(tmp_path_factory):
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(
         'backend: "python"\nmax_batch_size: 8\ndynamic_batching {}\n'
-        'input [{ name: "x", data_type: TYPE_FP32, dims: [1] }]\noutput [{ name: "y", data_type: TYPE_FP32, dims: [1] }]\n')
+        'input [{ name: "x", data_type: TYPE_FP32, dims: [1] }]\n'
+        'output [{ name: "y", data_type: TYPE_FP32, dims: [1] }]\n')
     (model / "1" / "model.py").write_text(
         "import triton_python_backend_utils as pb_utils\n\n\nclass TritonPythonModel:\n"
         "    def execute(self, requests):\n"

@@ -8,7 +8,6 @@ benchmark of the same case.
 """
 
 import pytest
-
 from cases import Check, Timed, batch_of, case_name
 
 pytestmark = pytest.mark.target

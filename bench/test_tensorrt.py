@@ -7,11 +7,12 @@ batch-1 pipeline latency <= 0.1 ms.
 
 import numpy as np
 import pytest
-
 from cases import Check, Timed, batch_of, case_name, record
+
 from ume_edge.backends import tensorrt
 
-pytestmark = [pytest.mark.skipif(not tensorrt.BACKEND.is_available(), reason="TensorRT and a CUDA GPU are required; none here"),
+pytestmark = [pytest.mark.skipif(not tensorrt.BACKEND.is_available(),
+                                 reason="TensorRT and a CUDA GPU are required; none here"),
               pytest.mark.tensorrt, pytest.mark.gpu]
 MAX_BATCH = 2048
 BATCHES = (1, 8, 64, MAX_BATCH)

@@ -175,7 +175,9 @@ def _profile(options: dict, onnx_bytes: bytes, dla: bool) -> dict[str, list[list
     profile = {}
     for name, rank in inputs.items():
         low, opt, high = (shapes[name] for shapes in given)
-        if not len(low) == len(opt) == len(high) == rank or not all(a <= b <= c for a, b, c in zip(low, opt, high)):
+        ordered = len(low) == len(opt) == len(high) == rank and all(
+            a <= b <= c for a, b, c in zip(low, opt, high, strict=True))
+        if not ordered:
             raise TrtexecError(f"invalid profile for {name}: {low} {opt} {high}")
         profile[name] = [high, high, high] if dla else [low, opt, high]  # DLA has no dynamic shapes
     return profile

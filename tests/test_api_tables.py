@@ -10,8 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from api_conformance import check_object, known_names, load_cuda, load_tensorrt  # tests/api_conformance.py; pytest puts tests/ on sys.path
+from api_conformance import (  # tests/api_conformance.py; pytest puts tests/ on sys.path
+    check_object,
+    known_names,
+    load_cuda,
+    load_tensorrt,
+)
 from fake_trtexec import H100, PlanHeader, serialize_plan  # tests/fake_trtexec.py
 from trt_fakes import CUDA_TEST_ONLY, TENSORRT_TEST_ONLY, FakeCuda, FakeTensorRT  # tests/trt_fakes.py
 

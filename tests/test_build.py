@@ -59,7 +59,8 @@ def test_int8_costs_at_most_half_a_point_on_every_pattern_of_the_test_split(int8
             batch = {n: (x[start:start + 64] if n in pattern else None) for n, x in inputs.items()}
             engine_correct += (pipeline.infer(batch).labels == labels[start:start + 64]).sum()
             with torch.no_grad():
-                logits = reference_model({n: (torch.from_numpy(x) if x is not None else None) for n, x in batch.items()})
+                logits = reference_model({n: (torch.from_numpy(x) if x is not None else None)
+                                          for n, x in batch.items()})
             torch_correct += (logits.argmax(1).numpy() == labels[start:start + 64]).sum()
         drop = (torch_correct - engine_correct) / len(labels) * 100
         assert drop <= 0.5, f"INT8 costs {drop:.2f} points on {pattern}"

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conformance import task
 from test_int8_schemes import ops_reading_dequantized  # tests/ is on sys.path
+
 from ume_edge import engine_dir
 from ume_edge.backends.onnxruntime import OnnxRuntimeEngine
 from ume_edge.build.int8_schemes import DYNAMIC, STATIC

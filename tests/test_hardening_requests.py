@@ -121,7 +121,7 @@ def test_a_served_encoder_refuses_ids_outside_the_vocabulary(pipeline):
     finally:
         encoder.close()
     assert isinstance(answers[1], Rejected) and answers[1].reason == "range" and "-1" in answers[1].message
-    for tokens, answer in zip(good, [answers[0], *answers[2:]]):
+    for tokens, answer in zip(good, [answers[0], *answers[2:]], strict=True):
         alone = pipeline.infer({"tokens": tokens})
         assert answer["partial_logits"].shape == (len(tokens), 3)
         np.testing.assert_allclose(answer["partial_logits"], alone.logits, atol=1e-5)  # UME: one modality's logits
@@ -145,7 +145,7 @@ def test_a_request_the_engines_fail_on_fails_alone_and_is_logged_once(old_engine
         answers = answer_requests(old, [*good[:3], culprit, *good[3:]])
         expected = [old.infer(request) for request in good]
     assert isinstance(answers[3], Rejected) and answers[3].reason == FAILED, answers[3]
-    for answer, reference in zip([*answers[:3], *answers[4:]], expected):
+    for answer, reference in zip([*answers[:3], *answers[4:]], expected, strict=True):
         np.testing.assert_allclose(answer["logits"], reference.logits, atol=1e-5)
         np.testing.assert_array_equal(answer["label"].ravel(), reference.labels)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conformance import task
+
 from ume_edge.build.qdq_rules import check_tensorrt_qdq
 from ume_edge.constants import DEFAULT_MAX_DROP
 

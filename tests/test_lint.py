@@ -1,4 +1,5 @@
-"""ruff and mypy over the package, with the settings in pyproject.toml, as part of the README's test command."""
+"""ruff over the package, its tests, benchmarks and tools, and mypy over the package, with the settings in
+pyproject.toml, as part of the README's test command."""
 
 import subprocess
 import sys
@@ -13,9 +14,9 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def test_ruff_finds_nothing_in_the_package():
+def test_ruff_finds_nothing_in_the_package_tests_benchmarks_and_tools():
     pytest.importorskip("ruff", reason="ruff is not installed: pip install -e '.[dev]'")
-    result = _run("ruff", "check", "ume_edge")
+    result = _run("ruff", "check", "ume_edge", "tests", "bench", "tools")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

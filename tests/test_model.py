@@ -97,7 +97,8 @@ def test_load_from_a_factory_file(tmp_path):
 
 
 def test_encoder_without_init_kwargs_cannot_be_saved_and_says_why(tmp_path):
-    model = UMEModel([Modality("v", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), (4,), "float32", 3)], 2)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    model = UMEModel([Modality("v", encoder, (4,), "float32", 3)], 2)
     with pytest.raises(ValueError, match="file.py:factory"):
         model.save(tmp_path / "x.pt")
 
@@ -121,7 +122,7 @@ def test_reference_report_holds_every_seed_and_their_summary():
     assert len(seeds) >= 3 and summary["seeds"] == [e["seed"] for e in seeds]
     assert report["shipped_seed"] == 0 and report["models"] == seeds[0]["models"]
     for role in ("uni:audio", "uni:image", "naive", "ume", "mma", "selected"):
-        for pattern, cell in summary["models"][role].items():
+        for cell in summary["models"][role].values():
             assert cell is None or set(cell) >= {"mean", "sd"}
     for pattern in ("audio+image", "audio", "image"):
         assert len(summary["ume_vs_mma"][pattern]["p_by_seed"]) == len(seeds)

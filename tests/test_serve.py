@@ -170,7 +170,7 @@ def test_concurrent_mixed_patterns_equal_the_pipeline(server, pipeline, samples)
         pattern = patterns[index % len(patterns)]
         start, size = int(rng.integers(0, 60)), int(rng.integers(1, 4))
         jobs.append(("ume", {name: samples[name][start:start + size] for name in pattern}))
-    for (_, arrays), (result, error) in zip(jobs, _concurrent(server, jobs)):
+    for (_, arrays), (result, error) in zip(jobs, _concurrent(server, jobs), strict=True):
         assert error is None, error
         _assert_same(result, _reference(pipeline, arrays))
 
@@ -214,7 +214,7 @@ def test_mixed_patterns_are_answered_by_one_pipeline_call(pipeline, samples, mon
     assert calls == {"infer": 1, "audio_rows": 5}  # rows of the image-only request never reached the audio engine
     answers += answer_requests(pipeline, requests[3:])
     monkeypatch.undo()
-    for arrays, answer in zip(requests[:3], answers[:3]):
+    for arrays, answer in zip(requests[:3], answers[:3], strict=True):
         expected = _reference(pipeline, arrays)
         np.testing.assert_allclose(answer["logits"], expected.logits, atol=ATOL)
         np.testing.assert_array_equal(answer["label"].reshape(-1), expected.labels)
@@ -265,7 +265,7 @@ def test_a_bad_request_fails_alone_in_a_shared_batch(server, pipeline, samples):
     answers = _concurrent(server, jobs)
     bad_result, bad_error = answers[6]
     assert bad_result is None and "nan or inf" in str(bad_error).lower()
-    for (_, arrays), (result, error) in zip(jobs[:6] + jobs[7:], answers[:6] + answers[7:]):
+    for (_, arrays), (result, error) in zip(jobs[:6] + jobs[7:], answers[:6] + answers[7:], strict=True):
         assert error is None, error
         _assert_same(result, _reference(pipeline, arrays))
     _metric_reaching(server, "nv_inference_request_failure", "ume", 1)
@@ -325,7 +325,7 @@ def test_a_present_mask_lets_every_pattern_share_a_batch(server, pipeline, sampl
     jobs = [("ume", {**{name: samples[name][i:i + len(mask)] * mask[:, [j]][:, :, None, None]
                         for j, name in enumerate(names)}, "present": mask}) for i, mask in enumerate(masks)]
     before = _metric(server, "nv_inference_exec_count", "ume")
-    for (_, arrays), (result, error), mask in zip(jobs, _concurrent(server, jobs), masks):
+    for (_, arrays), (result, error), mask in zip(jobs, _concurrent(server, jobs), masks, strict=True):
         assert error is None, error
         for row, present in enumerate(mask):
             expected = _reference(pipeline, {name: arrays[name][row:row + 1] for j, name in enumerate(names)

@@ -16,8 +16,8 @@ import pytest
 from ume_edge.client import grpc_inputs
 from ume_edge.runtime import Pipeline
 from ume_edge.serve import RUNTIMES, ServeProcess, listening_addresses
-from ume_edge.serving.tritonserver import TEMP_PREFIX
 from ume_edge.serving.server_config import Endpoints, free_ports
+from ume_edge.serving.tritonserver import TEMP_PREFIX
 from ume_edge.serving.watchdog import descendants, start_time
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -125,7 +125,7 @@ def test_grpc_over_tls_on_every_interface(int8_engines, certificate, avdigits_te
                                               root_certificates=str(cert)) as secure:
             labels = secure.infer("ume", grpc_inputs({"image": image})).as_numpy("label")
         with grpcclient.InferenceServerClient(f"127.0.0.1:{endpoints.grpc_port}") as plain:
-            with pytest.raises(Exception):
+            with pytest.raises(grpcclient.InferenceServerException):
                 plain.infer("ume", grpc_inputs({"image": image}), client_timeout=5)
     with Pipeline.load(int8_engines) as pipeline:
         np.testing.assert_array_equal(labels.reshape(-1), pipeline.infer({"image": image}).labels)

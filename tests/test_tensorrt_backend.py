@@ -348,7 +348,8 @@ def test_a_build_tensorrt_refuses_says_so(monkeypatch, tmp_path, onnx_file):
 # ---------------------------------------------------------------- TensorRTEngine against the fakes
 
 
-def build_plan(tmp_path, config=BuildConfig(max_batch=8), name="x") -> str:
+def build_plan(tmp_path, config=None, name="x") -> str:
+    config = config or BuildConfig(max_batch=8)
     plan = tmp_path / f"{name}.plan"
     build_engine(linear_onnx(tmp_path / f"{name}.onnx", name), plan, {name: (3,)}, config)
     return plan

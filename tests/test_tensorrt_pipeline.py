@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from trt_fakes import batches_run, install, needs_tensorrt_and_gpu  # tests/trt_fakes.py; tests/ is on sys.path
+
 from ume_edge.backends.tensorrt.config import BuildConfig, build_engine
 from ume_edge.backends.tensorrt.engine import TensorRTEngine
 from ume_edge.backends.tensorrt.pipeline import DevicePipeline, present_runs

@@ -6,13 +6,13 @@ precision or typing flags, and the scripts run, with a stand-in trtexec on PATH,
 import shlex
 import subprocess
 
+import fake_trtexec
 import numpy as np
 import onnx
 import pytest
+from fake_trtexec import ACCEPTED_FLAGS, H100, ORIN, TrtexecError, install_trtexec, parse_plan, path_with, trtexec_calls
 from onnx import TensorProto, helper, numpy_helper
 
-import fake_trtexec
-from fake_trtexec import ACCEPTED_FLAGS, H100, ORIN, TrtexecError, install_trtexec, parse_plan, path_with, trtexec_calls
 from ume_edge.backends.tensorrt.config import BuildConfig
 from ume_edge.backends.tensorrt.trtexec import PlanJob, script, trtexec_command
 

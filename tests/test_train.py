@@ -5,8 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from ume_edge.scoring import discordant_pairs, mcnemar_exact, spread
 from ume_edge.model import UMEModel
+from ume_edge.scoring import discordant_pairs, mcnemar_exact, spread
 from ume_edge.train import main
 from ume_edge.train_options import build_parser
 from ume_edge.train_report import select
@@ -104,13 +104,15 @@ def test_train_cli_over_two_seeds_writes_the_shipped_seed_and_a_consistent_summa
         assert set(entry["models"]) == {"uni:audio", "uni:image", "naive", "ume", "mma", "selected"}
         assert entry["models"]["selected"] == entry["models"][entry["selected"]]
         assert entry["models"]["uni:audio"]["image"] is None  # a uni-modal model cannot answer without its modality
-        assert entry["ceiling_gaps"]["ume"] == {"audio": 0.0, "image": 0.0} and "ume" in entry["ceiling_gaps_by_construction"]
+        assert entry["ceiling_gaps"]["ume"] == {"audio": 0.0, "image": 0.0}
+        assert "ume" in entry["ceiling_gaps_by_construction"]
         assert entry["targets"]["split"] == "val" and entry["selection"]["rule"] == "prefer-ume"
         for pattern, test in entry["ume_vs_mma"].items():
             # 120 test pairs: the accuracy difference is the difference of the discordant counts
             difference = (entry["models"]["ume"][pattern] - entry["models"]["mma"][pattern]) * 120 / 100
             assert round(difference) == test["ume_only_correct"] - test["mma_only_correct"]
-            assert test["p"] == pytest.approx(mcnemar_exact(test["ume_only_correct"], test["mma_only_correct"]), abs=1e-4)
+            expected_p = mcnemar_exact(test["ume_only_correct"], test["mma_only_correct"])
+            assert test["p"] == pytest.approx(expected_p, abs=1e-4)
     for role, cells in summary["models"].items():
         for pattern, cell in cells.items():
             values = [e["models"][role][pattern] for e in seeds]

@@ -8,9 +8,9 @@ import pytest
 
 from ume_edge import engine_dir, triton_repo
 from ume_edge.client import grpc_inputs
-from ume_edge.serving import repository
 from ume_edge.data import presence_patterns
 from ume_edge.runtime import Pipeline
+from ume_edge.serving import repository
 from ume_edge.serving.server_config import Endpoints, free_ports
 from ume_edge.serving.tritonserver import TritonServer
 
@@ -180,7 +180,7 @@ def test_standalone_concurrent_mixed_patterns_with_a_bad_one(standalone, pipelin
         for _ in jobs:
             assert done.acquire(timeout=60)
     assert "nan" in str(answers[5][1]).lower() and "image" in str(answers[5][1])
-    for index, (arrays, (result, error)) in enumerate(zip(jobs, answers)):
+    for index, (arrays, (result, error)) in enumerate(zip(jobs, answers, strict=True)):
         if index != 5:
             assert error is None, error
             _assert_same(result, _reference(pipeline, arrays))

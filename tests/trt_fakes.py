@@ -42,10 +42,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from api_conformance import load_cuda, load_tensorrt  # tests/api_conformance.py; pytest puts tests/ on sys.path
-from fake_trtexec import (H100, PRECISION_FLAGS, Device, PlanHeader, has_dla, parse_plan, release_tuple, serialize_plan,
-                          timing_cache_bytes, timing_cache_matches)
+from fake_trtexec import (
+    H100,
+    PRECISION_FLAGS,
+    Device,
+    PlanHeader,
+    has_dla,
+    parse_plan,
+    release_tuple,
+    serialize_plan,
+    timing_cache_bytes,
+    timing_cache_matches,
+)
 
 TENSORRT_VERSIONS = {"10.3": "10.3.0", "10.16": "10.16.1.11", "11.4": "11.4.0.106"}  # table -> release it claims
 CUDA_VERSIONS = ("12.9", "13")
@@ -631,7 +640,7 @@ class FakeEngine:
             options.intra_op_num_threads = options.inter_op_num_threads = 1
             self._session = ort.InferenceSession(self._onnx, options, providers=["CPUExecutionProvider"])
         names = [o.name for o in self._session.get_outputs()]
-        return dict(zip(names, self._session.run(names, inputs)))
+        return dict(zip(names, self._session.run(names, inputs), strict=True))
 
 
 class FakeContext:
@@ -650,7 +659,9 @@ class FakeContext:
     def set_input_shape(self, name, shape):
         profile = self._engine.get_tensor_profile_shape(name, 0)
         shape = tuple(shape)
-        if len(shape) != len(profile[0]) or not all(lo <= s <= hi for lo, s, hi in zip(profile[0], shape, profile[2])):
+        within = len(shape) == len(profile[0]) and all(
+            lo <= s <= hi for lo, s, hi in zip(profile[0], shape, profile[2], strict=True))
+        if not within:
             return False
         self._input_shapes[name] = shape
         return True

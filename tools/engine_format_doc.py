@@ -8,7 +8,8 @@ from pathlib import Path
 from ume_edge.engine_dir import format_reference
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ENGINE_FORMAT.md"
-BEGIN = "<!-- generated from ume_edge/engine_dir/schema.py by tools/engine_format_doc.py: edit the records, not this -->"
+BEGIN = ("<!-- generated from ume_edge/engine_dir/schema.py by tools/engine_format_doc.py: edit the records, "
+         "not this -->")
 END = "<!-- end of generated part -->"
 
 
