@@ -87,6 +87,11 @@ def test_a_directory_without_a_record_says_how_to_get_one(int8_engines, tmp_path
     assert "Rebuild it with `python -m ume_edge.build`" in result.stderr
 
 
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_check(int8_engines, tmp_path):
+    result = verify(int8_engines, "--json", tmp_path / "missing" / "verdict.json")
+    assert result.returncode == 2 and result.stdout == "" and "its folder does not exist" in result.stderr
+
+
 def test_a_changed_record_is_refused_like_any_engine_file(int8_engines, tmp_path):
     directory = shutil.copytree(int8_engines, tmp_path / "tampered")
     golden = verification.Golden.load(directory / verification.RECORD_FILE)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -77,12 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     show_progress()
     try:
         manifest = engine_dir.load(args.engines)
+        _check_writable(args.json)
         if args.url:
             verdict = check_served(args.engines, manifest, args.url, args.model, args.timeout_s)
         else:
             verdict = check_here(args.engines, manifest, args.threads)
-        if args.json:
-            args.json.write_text(json.dumps(verdict.to_json(), indent=1))
     except (UmeEdgeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -90,7 +90,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{where} against the record of {args.engines}:\n")
     print(verification.table(verdict))
     print(f"\n{verdict.message}")
+    if args.json and not _written(args.json, verdict):
+        return 2
     return 0 if verdict.holds else 1
+
+
+def _check_writable(path: Path | None) -> None:
+    """Refuse a ``--json`` path that could not be written, before the check runs."""
+    if path is not None and (path.is_dir() or not path.parent.is_dir()):
+        raise UmeEdgeError(f"--json {path}: {'is a folder' if path.is_dir() else 'its folder does not exist'}; give "
+                           "a file in an existing folder")
+
+
+def _written(path: Path, verdict: verification.Verdict) -> bool:
+    """``verdict`` as JSON at ``path``, through a temporary file beside it (a failed write leaves no half file)."""
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        temporary.write_text(json.dumps(verdict.to_json(), indent=1))
+        os.replace(temporary, path)
+        return True
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        print(f"error: --json {path}: could not write the verdict ({error})", file=sys.stderr)
+        return False
 
 
 if __name__ == "__main__":
