@@ -43,8 +43,8 @@ RELEASES = (
         sources=("Python 3.10 (Ubuntu 22.04): triton-inference-server/server docs/introduction/release_notes.md "
                  "at 0194c3da9ddeeff07547f46aa058cf88acb51893 (the 24.10 notes)",
                  "TensorRT 10.5: a public project README that builds plans for tritonserver:24.10-py3 with TensorRT "
-                 "10.5 (found by code search, 2026-12-06), agreeing with issue 19's brief; NVIDIA's Frameworks "
-                 "Support Matrix could not be read from here")),
+                 "10.5 (found by code search, 2026-12-06); not confirmed against NVIDIA's Frameworks Support "
+                 "Matrix, which could not be read from here")),
 )
 DEFAULT_RELEASE = RELEASES[-1]  # the newest listed: ONNX Runtime directories need no particular TensorRT
 
