@@ -203,11 +203,10 @@ def largest_encoder(pipeline) -> str:
     return max(MODALITIES, key=lambda name: total_macs(engine_file(pipeline, name), 1))
 
 
-@pytest.mark.target
-def test_largest_encoder_near_int8_peak(benchmark, target_run, edge_pipelines, edge_encoders, edge_inputs,
-                                        peak_engines, tmp_path):
-    pipeline = edge_pipelines["int8"]
-    name = largest_encoder(pipeline)
+def _int8_rate_and_peak(benchmark, target_run, pipeline, edge_encoders, edge_inputs, peak_engines, tmp_path,
+                        name: str) -> tuple[int, float, float, dict]:
+    """``name``'s INT8 engine at batch TARGET_BATCH, timed interleaved with the INT8 peak micro-benchmarks:
+    (MACs, its GMAC/s, the peak's GMAC/s, seconds per operator type from ONNX Runtime's profiler)."""
     feeds = {name: np.ascontiguousarray(edge_inputs[name][:TARGET_BATCH])}
     engine = Timed(case_name("engine", name, "onnxruntime", "int8", TARGET_BATCH, MODEL),
                    lambda: edge_encoders["int8"][name].infer(feeds))
@@ -216,7 +215,16 @@ def test_largest_encoder_near_int8_peak(benchmark, target_run, edge_pipelines, e
     macs = total_macs(engine_file(pipeline, name), TARGET_BATCH)
     rate, peak = macs / engine_s / 1e9, max(micro.macs / s / 1e9 for micro, s in zip(int8_peaks, peak_s, strict=True))
     benchmark(edge_encoders["int8"][name].infer, feeds)
-    by_op = profile_by_op(engine_file(pipeline, name), feeds, 3, tmp_path)
+    return macs, rate, peak, profile_by_op(engine_file(pipeline, name), feeds, 3, tmp_path)
+
+
+@pytest.mark.target
+def test_largest_encoder_near_int8_peak(benchmark, target_run, edge_pipelines, edge_encoders, edge_inputs,
+                                        peak_engines, tmp_path):
+    pipeline = edge_pipelines["int8"]
+    name = largest_encoder(pipeline)
+    macs, rate, peak, by_op = _int8_rate_and_peak(benchmark, target_run, pipeline, edge_encoders, edge_inputs,
+                                                  peak_engines, tmp_path, name)
     int8_share = sum(by_op.get(op, 0.0) for op in INT8_KERNELS) / sum(by_op.values())
     target_run.conclude(f"edge-{name}-int8-peak-b{TARGET_BATCH}", "onnxruntime", "int8", TARGET_BATCH,
                         Check(f"{name} INT8 GMAC/s / INT8 peak", rate / peak, ">=", 0.60),
@@ -235,15 +243,8 @@ TEXT_INT8_OVER_FP32 = {32: 2.5, 1: 2.0}
 def test_encoder_int8_fraction_of_peak(benchmark, target_run, edge_pipelines, edge_encoders, edge_inputs,
                                        peak_engines, tmp_path, name):
     pipeline = edge_pipelines["int8"]
-    feeds = {name: np.ascontiguousarray(edge_inputs[name][:TARGET_BATCH])}
-    engine = Timed(case_name("engine", name, "onnxruntime", "int8", TARGET_BATCH, MODEL),
-                   lambda: edge_encoders["int8"][name].infer(feeds))
-    int8_peaks = [micro for micro in peak_engines.values() if micro.spec.precision == "int8"]
-    engine_s, *peak_s = target_run.interleave(engine, *(Timed(micro.case, micro.call) for micro in int8_peaks))
-    macs = total_macs(engine_file(pipeline, name), TARGET_BATCH)
-    rate, peak = macs / engine_s / 1e9, max(micro.macs / s / 1e9 for micro, s in zip(int8_peaks, peak_s, strict=True))
-    benchmark(edge_encoders["int8"][name].infer, feeds)
-    by_op = profile_by_op(engine_file(pipeline, name), feeds, 3, tmp_path)
+    macs, rate, peak, by_op = _int8_rate_and_peak(benchmark, target_run, pipeline, edge_encoders, edge_inputs,
+                                                  peak_engines, tmp_path, name)
     target_run.conclude(f"edge-{name}-int8-peak-fraction-b{TARGET_BATCH}", "onnxruntime", "int8", TARGET_BATCH,
                         Check(f"{name} INT8 GMAC/s / INT8 peak", rate / peak, ">=", ENCODER_PEAK_FRACTION[name]),
                         model=MODEL, encoder=name, macs=macs, gmac_per_s=rate, peak_gmac_per_s=peak,
