@@ -13,6 +13,7 @@ that cannot be read (truncated, not a recording) raises ``RecordingError`` with 
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ def require(module: str) -> Any:
                              f"(mcap, mcap-ros2-support, rosbags): {INSTALL_HINT}") from None
 
 
-class Recording:
+class Recording(abc.ABC):
     """An open recording; use ``Recording.open(path)`` as a context manager."""
 
     def __init__(self, path: Path):
@@ -99,14 +100,17 @@ class Recording:
         return RecordingError(f"{self.path}: not a readable recording ({type(error).__name__}"
                               f"{': ' + detail[:160] if detail else ''}); is it truncated or corrupt?")
 
+    @abc.abstractmethod
     def _open(self) -> None:
-        raise NotImplementedError
+        """Each storage format's own."""
 
+    @abc.abstractmethod
     def _messages(self, topics: list[str]) -> Iterator[RecordedMessage]:
-        raise NotImplementedError
+        """Each storage format's own."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Each storage format's own."""
 
 
 class _McapFile(Recording):
