@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from ume_edge import engine_dir, verification
+from ume_edge.atomic import write_text_atomically
 from ume_edge.cli_common import DefaultsFormatter, show_progress
 from ume_edge.constants import ENTRY_MODEL
 from ume_edge.errors import UmeEdgeError
@@ -104,13 +104,10 @@ def _check_writable(path: Path | None) -> None:
 
 def _written(path: Path, verdict: verification.Verdict) -> bool:
     """``verdict`` as JSON at ``path``, through a temporary file beside it (a failed write leaves no half file)."""
-    temporary = path.with_name(f".{path.name}.partial")
     try:
-        temporary.write_text(json.dumps(verdict.to_json(), indent=1))
-        os.replace(temporary, path)
+        write_text_atomically(path, json.dumps(verdict.to_json(), indent=1))
         return True
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         print(f"error: --json {path}: could not write the verdict ({error})", file=sys.stderr)
         return False
 

@@ -3,15 +3,14 @@ replica answered and the retries, printed as a table and written as JSON (``--js
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from ume_edge.atomic import write_text_atomically
 from ume_edge.client.sensor_health import sensor_table
 from ume_edge.client.server_figures import format_server_figures
 from ume_edge.client.streaming import Outcome, StreamResult
@@ -147,11 +146,7 @@ def check_writable(path: Path) -> None:
 
 def write_json(path: Path, summary: dict) -> None:
     """Write through a temporary file in the same folder: a failure never leaves half a file at ``path``."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(temporary, path)
+        write_text_atomically(path, json.dumps(summary, indent=2) + "\n")
     except OSError as error:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
         raise SummaryNotSaved(f"--json {path}: could not write the summary ({error})", summary) from None

@@ -18,7 +18,6 @@ to a temporary name beside ``--out`` and renamed into place, so an interrupted r
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ume_edge.atomic import write_atomically
 from ume_edge.cli_common import DefaultsFormatter
 
 DATA_FILE = Path(__file__).with_name("avdigits.npz")
@@ -283,13 +283,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _write_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
     """``arrays`` as a compressed ``.npz`` at ``out``, written beside it under a temporary name and then renamed."""
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        with open(partial, "wb") as file:
-            np.savez_compressed(file, **arrays)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_atomically(out, lambda file: np.savez_compressed(file, **arrays))
 
 
 def _export_recording(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
